@@ -1,0 +1,7 @@
+"""Raw samples, the dataset registry and the conversation template."""
+
+PROMPT_BEGIN = "BEGINNING OF CONVERSATION:"
+PROMPT_USER = "USER: {input}"
+PROMPT_ASSISTANT = "ASSISTANT:"
+PROMPT_INPUT = PROMPT_BEGIN + " " + PROMPT_USER + " " + PROMPT_ASSISTANT
+IGNORE_INDEX = -100

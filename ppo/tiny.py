@@ -1,0 +1,141 @@
+"""Tiny, offline assets: a sentencepiece tokenizer and randomly initialised small models.
+
+They let every stage run on a laptop CPU without a model hub: the tests, the tiny configs
+(`scripts/prepare_tiny.sh`), the quickstart and the benchmarks all build from here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Iterable, Optional
+
+from ppo.data.base import PROMPT_ASSISTANT, PROMPT_BEGIN, PROMPT_USER
+
+# Special token ids fixed for every tiny tokenizer (sentencepiece meta pieces).
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+_DEFAULT_WORDS = (
+    "the a an and or but if then because so of to in on at by for with from about as is are was were be "
+    "been have has had do does did can could will would should may might must not no yes please thank "
+    "you thanks sorry hello hi good bad great fine well very much more less many few one two three four "
+    "five six seven eight nine ten what which who whom whose when where why how this that these those "
+    "i me my we our he she it they them their his her your its question answer help tell explain give "
+    "make take say know think want like need use find work call try ask feel leave put mean keep let "
+    "begin seem show hear play run move live believe hold bring happen write provide sit stand lose pay "
+    "meet include continue set learn change lead understand watch follow stop create speak read spend "
+    "grow open walk win offer remember love consider appear buy wait serve die send expect build stay "
+    "fall cut reach kill remain suggest raise pass sell require report decide pull safe unsafe harmful "
+    "helpful honest kind rude polite red blue green yellow black white cat dog fox bird fish tree water "
+    "food time day year people way man woman child world life hand part place case week company system "
+    "program number group problem fact"
+).split()
+
+
+def default_corpus() -> list[str]:
+    """Deterministic text that covers the conversation template and common English words."""
+    words = _DEFAULT_WORDS
+    user, assistant = PROMPT_USER.split("{input}")[0].strip(), PROMPT_ASSISTANT
+    lines = []
+    for start in range(len(words)):
+        question = " ".join(words[(start + 7 * k) % len(words)] for k in range(8))
+        answer = " ".join(words[(start + 11 * k) % len(words)] for k in range(10))
+        lines.append(f"{PROMPT_BEGIN} {user} {question}? {assistant} {answer}.")
+    lines.extend(str(n) for n in range(100))
+    return lines
+
+
+def build_tokenizer(
+    output_dir: str,
+    texts: Optional[Iterable[str]] = None,
+    vocab_size: int = 512,
+):
+    """Train a byte-fallback BPE sentencepiece model on `texts` and save a PaddleNLP
+    `LlamaTokenizer` to `output_dir` (reloadable with `AutoTokenizer.from_pretrained`).
+
+    Ids: unk 0, bos 1, eos 2, pad 3 — pad differs from eos so tests can exercise both cases.
+    """
+    import sentencepiece as spm
+    from paddlenlp.transformers import LlamaTokenizer
+
+    lines = [line for line in (texts if texts is not None else default_corpus()) if line.strip()]
+    if not lines:
+        raise ValueError("build_tokenizer needs at least one non-empty line of text")
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work_dir:
+        prefix = os.path.join(work_dir, "sp")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_prefix=prefix,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=1.0,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            pad_piece="<pad>",
+            # Tiny corpora cannot fill a large vocabulary; do not fail, use what is learnable.
+            hard_vocab_limit=False,
+            num_threads=1,
+            minloglevel=2,
+        )
+        tokenizer = LlamaTokenizer(vocab_file=prefix + ".model", pad_token="<pad>")
+        tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
+def tiny_config_kwargs(
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: Optional[int] = None,
+    intermediate_size: Optional[int] = None,
+    max_position_embeddings: int = 512,
+) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads or num_attention_heads,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_causal_lm(architecture: str = "llama", seed: int = 0, **config_overrides):
+    """A randomly initialised small causal LM (`llama` or `qwen2`) in fp32."""
+    import paddle
+    from paddlenlp.transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if architecture not in classes:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; available: {sorted(classes)}")
+    config_class, model_class = classes[architecture]
+    config = config_class(**tiny_config_kwargs(**config_overrides))
+    config.dtype = "float32"
+    paddle.seed(seed)
+    return model_class(config)
+
+
+def save_tiny_causal_lm(output_dir: str, architecture: str = "llama", seed: int = 0, tokenizer_dir=None, **config_overrides):
+    """Build a tiny causal LM and save it (with the tokenizer, if given) as a PaddleNLP model dir."""
+    model = build_tiny_causal_lm(architecture, seed=seed, **config_overrides)
+    model.save_pretrained(output_dir)
+    if tokenizer_dir is not None:
+        from paddlenlp.transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(output_dir)
+    return model
