@@ -1,0 +1,169 @@
+"""Arguments of the PPO stage: one dataclass per concern, validated once in `__post_init__`.
+
+Every key of `config/*/ppo_argument.json` maps 1:1 to a field here or in PaddleNLP's
+`TrainingArguments`; the latter apply to both the actor and the critic, except the `critic_*`
+fields which override them for the critic.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+from paddlenlp.trainer import TrainingArguments
+
+from ppo.models.ppo_model_utils import KLEstimator, Reduction
+
+OFFLOAD_TOKENS = ("freeze_model", "optimizer", "train_model")
+EVAL_MODES = (None, "single", "tensor_parallel")
+
+
+@dataclass
+class PPOModelArguments:
+    actor_model_name_or_path: str = field(
+        metadata={"help": "SFT model that initialises the actor and serves as the frozen reference."}
+    )
+    reward_model_name_or_path: str = field(metadata={"help": "Trained reward (score) model, kept frozen."})
+    reward_critic_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Initialisation of the critic (value) model; defaults to the reward model."},
+    )
+
+    def __post_init__(self):
+        if self.reward_critic_model_name_or_path is None:
+            self.reward_critic_model_name_or_path = self.reward_model_name_or_path
+
+
+@dataclass
+class PPODataArguments:
+    train_datasets: str = field(metadata={"help": "Prompt datasets, e.g. 'PKU-SafeRLHF/train' or 'name:0.5:path'."})
+    eval_datasets: Optional[str] = field(default=None, metadata={"help": "Prompt datasets for evaluation."})
+    ptx_datasets: Optional[str] = field(
+        default=None, metadata={"help": "Supervised datasets for the ptx (language-model) loss; None disables it."}
+    )
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Maximum total tokens of prompt + response; prompts longer than this are dropped."},
+    )
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {self.max_length}")
+
+
+@dataclass
+class PPOTrainingArguments(TrainingArguments):
+    # Rollout
+    per_device_prompt_batch_size: int = field(default=16, metadata={"help": "Prompts per device per rollout."})
+    num_return_sequences: int = field(default=1, metadata={"help": "Responses sampled per prompt; all are trained on."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollout."})
+    top_p: float = field(default=0.8, metadata={"help": "Top-p (nucleus) threshold of the rollout."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty of the rollout (1 = off)."})
+    use_fusemt: bool = field(
+        default=True, metadata={"help": "Use PaddleNLP's fused inference model for rollout when paddlenlp_ops exists."}
+    )
+    eval_mode: Optional[str] = field(
+        default=None,
+        metadata={"help": "Rollout model under pipeline parallel: None, 'single' or 'tensor_parallel'."},
+    )
+    # PPO
+    update_iters: int = field(default=1, metadata={"help": "Passes over each rollout's experience."})
+    kl_coeff: float = field(default=0.02, metadata={"help": "Coefficient of the per-token KL penalty in the reward."})
+    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator of the penalty: k1, k2 or k3."})
+    clip_range_score: float = field(default=50.0, metadata={"help": "Reward-model scores are clipped to ±this."})
+    clip_range_value: float = field(default=5.0, metadata={"help": "Critic values may move ±this from the old values."})
+    clip_range_ratio: float = field(default=0.2, metadata={"help": "PPO ratio clip ε: ratio kept in [1-ε, 1+ε]."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
+    gae_lambda: float = field(default=0.95, metadata={"help": "λ of GAE."})
+    whiten_advantages: bool = field(default=False, metadata={"help": "Normalise advantages to zero mean, unit std."})
+    loss_reduction: str = field(
+        default="token-mean", metadata={"help": "Masked reduction of the actor/critic losses: token-mean or seq-mean-token-mean."}
+    )
+    ptx_coeff: float = field(default=16.0, metadata={"help": "Weight of the ptx language-model loss."})
+    normalize_reward: bool = field(
+        default=False, metadata={"help": "Normalise reward scores with the statistics saved in the reward model."}
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Stop after this many consecutive updates with NaN/inf loss (each is skipped)."}
+    )
+    num_eval_samples_to_save: int = field(default=8, metadata={"help": "Generations written per evaluation."})
+    # Critic overrides of the TrainingArguments
+    critic_learning_rate: float = field(default=5e-6, metadata={"help": "Learning rate of the critic."})
+    critic_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the critic."})
+    critic_lr_scheduler_type: str = field(default="constant", metadata={"help": "LR scheduler of the critic."})
+    critic_warmup_ratio: float = field(default=0.03, metadata={"help": "Warmup ratio of the critic's scheduler."})
+    critic_recompute: bool = field(default=False, metadata={"help": "Activation recomputation for the critic."})
+    # Memory
+    offload_level: str = field(
+        default="",
+        metadata={"help": "Space-separated subset of 'freeze_model optimizer train_model' to offload between phases."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.per_device_prompt_batch_size >= 1, "per_device_prompt_batch_size must be >= 1")
+        _check(self.num_return_sequences >= 1, "num_return_sequences must be >= 1")
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check(self.update_iters >= 1, "update_iters must be >= 1")
+        _check(self.kl_coeff >= 0, "kl_coeff must be >= 0")
+        for name in ("clip_range_score", "clip_range_value", "clip_range_ratio"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _check(0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "gamma and gae_lambda must lie in [0, 1]")
+        _check(self.ptx_coeff >= 0, "ptx_coeff must be >= 0")
+        _check(self.max_consecutive_nonfinite_steps >= 1, "max_consecutive_nonfinite_steps must be >= 1")
+        for name, choices in (("kl_estimator", KLEstimator), ("loss_reduction", Reduction)):
+            allowed = [choice.value for choice in choices]
+            _check(getattr(self, name) in allowed, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        _check(
+            self.eval_mode in EVAL_MODES,
+            f"eval_mode must be one of {EVAL_MODES}, got {self.eval_mode!r}",
+        )
+        unknown = [token for token in self.offload_level.split() if token not in OFFLOAD_TOKENS]
+        _check(
+            not unknown,
+            f"offload_level has unknown entries {unknown}; use a space-separated subset of {list(OFFLOAD_TOKENS)}",
+        )
+        rollout_size = self.per_device_prompt_batch_size * self.num_return_sequences
+        _check(
+            rollout_size % self.per_device_train_batch_size == 0,
+            f"per_device_prompt_batch_size * num_return_sequences = {rollout_size} responses per rollout must be "
+            f"divisible by per_device_train_batch_size = {self.per_device_train_batch_size}",
+        )
+        micro_batches = rollout_size // self.per_device_train_batch_size
+        _check(
+            micro_batches % self.gradient_accumulation_steps == 0,
+            f"each rollout gives {micro_batches} micro-batches of per_device_train_batch_size, which must be "
+            f"divisible by gradient_accumulation_steps = {self.gradient_accumulation_steps} so that no optimizer step "
+            "mixes two rollouts",
+        )
+
+    @property
+    def offload_targets(self) -> frozenset:
+        return frozenset(self.offload_level.split())
+
+    @property
+    def micro_batches_per_rollout(self) -> int:
+        return self.per_device_prompt_batch_size * self.num_return_sequences // self.per_device_train_batch_size
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        return self.update_iters * self.micro_batches_per_rollout // self.gradient_accumulation_steps
+
+    def critic_arguments(self) -> "PPOTrainingArguments":
+        """The same arguments with the `critic_*` overrides applied (the critic logs nothing itself)."""
+        critic = copy.copy(self)
+        critic.learning_rate = self.critic_learning_rate
+        critic.weight_decay = self.critic_weight_decay
+        critic.lr_scheduler_type = self.critic_lr_scheduler_type
+        critic.warmup_ratio = self.critic_warmup_ratio
+        critic.recompute = self.critic_recompute
+        critic.report_to = []
+        return critic
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

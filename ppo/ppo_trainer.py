@@ -1,0 +1,596 @@
+"""PPO orchestration: rollout → scoring → advantages → actor/critic updates, with logging,
+evaluation, checkpoints and exact resume.
+
+Four models: the actor (trained) and the frozen reference both start from the SFT model; the
+frozen reward model and the trained critic start from the reward model. The actor and the critic
+are each driven by their own PaddleNLP `Trainer` (own optimizer, scheduler, AMP scaler and
+distributed wrapping) through its public hooks: `create_optimizer_and_scheduler`,
+`training_step` (which calls our `compute_loss`) and `log`. The loop below is PPO's own: it is
+not a copy of `Trainer.train`.
+
+Step accounting: one *optimizer step* = `gradient_accumulation_steps` micro-batches of
+`per_device_train_batch_size` responses. `global_step`, `max_steps`, `logging_steps`,
+`save_steps` and `eval_steps` all count optimizer steps. A rollout of
+`per_device_prompt_batch_size × num_return_sequences` responses gives
+`update_iters × micro_batches / gradient_accumulation_steps` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, fields
+from typing import Dict, List, Optional
+
+import paddle
+import paddle.distributed as dist
+from paddlenlp.trainer import PrinterCallback, ProgressCallback
+from paddlenlp.utils.log import logger
+from tqdm.auto import tqdm
+
+from ppo.arguments import PPOTrainingArguments
+from ppo.checkpoint import (
+    CHECKPOINT_PREFIX,
+    PPO_STATE_NAME,
+    PPOState,
+    load_rng_state,
+    save_rng_state,
+    resolve_resume_path,
+    rotate_checkpoints,
+)
+from ppo.comm_utils import (
+    OffloadManager,
+    all_reduce_mean,
+    is_distributed,
+    layer_movers,
+    optimizer_movers,
+)
+from ppo.experience import Experience, PromptBatch
+from ppo.infer_utils import RolloutEngine, RolloutOutput
+from ppo.model_io import load_model_weights, save_model_dir, tokenizers_match
+from ppo.models.ppo_model_utils import (
+    action_mask_from,
+    explained_variance,
+    gather_log_probs,
+    kl_divergence_per_token,
+    make_position_ids,
+    masked_mean,
+    masked_sum,
+    response_lengths,
+)
+from ppo.plotting import plot_training_curves
+from ppo.trainer_utils import (
+    EpochSampler,
+    MetricTracker,
+    NonFiniteLossError,
+    PolicyTrainer,
+    StepStats,
+    ValueTrainer,
+    batch_iterator,
+    current_learning_rate,
+    logits_of,
+    optimizer_step,
+)
+
+METRICS_FILE = "ppo_metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+PENDING_EXPERIENCE_NAME = "pending_experience.pdparams"
+
+# Which offloadable objects each phase uses (see `OffloadManager`).
+PHASE_NEEDS = {
+    "rollout": ("actor_model",),
+    "score": ("actor_model", "reference_model", "reward_model", "critic_model"),
+    "train": ("actor_model", "critic_model", "actor_optimizer", "critic_optimizer"),
+    "eval": ("actor_model", "reward_model"),
+    "save": ("actor_model", "critic_model", "actor_optimizer", "critic_optimizer"),
+}
+
+
+@dataclass
+class RolloutWork:
+    """One rollout's experience and how far the updates on it have got."""
+
+    experience: Experience
+    update_iter: int = 0
+    micro_batch: int = 0
+
+
+class PPOTrainer:
+    def __init__(
+        self,
+        args: PPOTrainingArguments,
+        actor_model,
+        reference_model,
+        reward_model,
+        critic_model,
+        tokenizer,
+        train_dataset,
+        max_length: int,
+        reward_tokenizer=None,
+        eval_dataset=None,
+        ptx_dataset=None,
+        callbacks=None,
+    ):
+        self.args = args
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.actor_model, self.critic_model = actor_model, critic_model
+        self.reference_model, self.reward_model = reference_model, reward_model
+        for frozen in (reference_model, reward_model):
+            frozen.eval()
+            for parameter in frozen.parameters():
+                parameter.stop_gradient = True
+        # Re-tokenise for the reward model only when its vocabulary differs from the actor's.
+        self.reward_tokenizer = None if reward_tokenizer is None or tokenizers_match(tokenizer, reward_tokenizer) else reward_tokenizer
+
+        self.actor_trainer = PolicyTrainer(model=actor_model, args=args, tokenizer=tokenizer, callbacks=callbacks)
+        self.critic_trainer = ValueTrainer(model=critic_model, args=args.critic_arguments(), tokenizer=tokenizer)
+        for trainer in (self.actor_trainer, self.critic_trainer):
+            # We print our own log lines and progress bar; keep only reporting integrations.
+            trainer.pop_callback(PrinterCallback)
+            trainer.pop_callback(ProgressCallback)
+
+        self.engine = RolloutEngine(
+            actor_model,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            use_fusemt=args.use_fusemt,
+        )
+
+        self.train_dataset, self.eval_dataset, self.ptx_dataset = train_dataset, eval_dataset, ptx_dataset
+        self.prompt_sampler = EpochSampler(
+            len(train_dataset), args.per_device_prompt_batch_size, seed=args.seed,
+            rank=args.dataset_rank, num_replicas=args.dataset_world_size,
+        )
+        self.prompt_batches = batch_iterator(train_dataset, self.prompt_sampler, train_dataset.get_collator())
+        self.ptx_sampler = self.ptx_batches = None
+        if ptx_dataset is not None and args.ptx_coeff > 0:
+            self.ptx_sampler = EpochSampler(
+                len(ptx_dataset), args.per_device_train_batch_size, seed=args.seed + 1,
+                rank=args.dataset_rank, num_replicas=args.dataset_world_size,
+            )
+            self.ptx_batches = batch_iterator(ptx_dataset, self.ptx_sampler, ptx_dataset.get_collator())
+
+        self.state = PPOState()
+        self.tracker = MetricTracker()
+        self.max_steps = self._resolve_max_steps()
+        self.offload = None  # built once the optimizers exist (see `train`)
+
+    # ------------------------------------------------------------------------------------------
+    # Set-up
+
+    def _resolve_max_steps(self) -> int:
+        args = self.args
+        if args.max_steps > 0:
+            return args.max_steps
+        rollouts = int(args.num_train_epochs * self.prompt_sampler.batches_per_epoch)
+        steps = rollouts * args.optimizer_steps_per_rollout
+        if steps < 1:
+            raise ValueError("num_train_epochs gives no optimizer step; raise it or set max_steps")
+        return steps
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.args.process_index == 0
+
+    def _build_offload_manager(self) -> OffloadManager:
+        movers = {
+            "actor_model": layer_movers(self.actor_model),
+            "critic_model": layer_movers(self.critic_model),
+            "reference_model": layer_movers(self.reference_model),
+            "reward_model": layer_movers(self.reward_model),
+            "actor_optimizer": optimizer_movers(self.actor_trainer.optimizer),
+            "critic_optimizer": optimizer_movers(self.critic_trainer.optimizer),
+        }
+        return OffloadManager(self.args.offload_targets, movers)
+
+    def _enter(self, phase: str) -> None:
+        self.offload.enter(phase, PHASE_NEEDS[phase])
+
+    def _wrap_for_training(self, trainer):
+        if not is_distributed():
+            return trainer.model
+        # PaddleNLP has no public API for "wrap this model for the configured data/sharding
+        # parallelism"; `_wrap_model` is what its own loop calls, used here and only here.
+        return trainer._wrap_model(trainer.model)
+
+    # ------------------------------------------------------------------------------------------
+    # Rollout and scoring
+
+    @paddle.no_grad()
+    def generate(self, prompt_batch: PromptBatch, num_return_sequences: int) -> RolloutOutput:
+        prompt_length = prompt_batch.input_ids.shape[1]
+        max_new_tokens = self.max_length - prompt_length
+        if max_new_tokens < 1:
+            raise ValueError(
+                f"prompts of {prompt_length} tokens leave no room to generate within max_length={self.max_length}"
+            )
+        self.actor_model.eval()
+        return self.engine.generate(
+            prompt_batch.input_ids,
+            prompt_batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_return_sequences,
+            do_sample=True,
+            temperature=self.args.temperature,
+            top_p=self.args.top_p,
+            repetition_penalty=self.args.repetition_penalty,
+        )
+
+    def _token_log_probs(self, model, input_ids, attention_mask, position_ids) -> paddle.Tensor:  # [B, L-1]
+        with self.actor_trainer.autocast_smart_context_manager():
+            logits = logits_of(model(input_ids=input_ids, attention_mask=attention_mask.astype("int64"), position_ids=position_ids))
+        # The same temperature-scaled distribution the rollout sampled from (before top-p).
+        logits = logits[:, :-1].astype("float32") / self.args.temperature
+        return gather_log_probs(logits, input_ids[:, 1:])
+
+    @paddle.no_grad()
+    def reward_scores(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor) -> paddle.Tensor:  # [B]
+        """Reward-model end scores of whole sequences, re-tokenised when the RM's vocabulary differs."""
+        if self.reward_tokenizer is not None:
+            input_ids, attention_mask = self._retokenize_for_reward(input_ids, attention_mask)
+        with self.actor_trainer.autocast_smart_context_manager():
+            output = self.reward_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask.astype("int64"),
+                position_ids=make_position_ids(attention_mask),
+            )
+        return output.end_scores[:, 0].astype("float32")
+
+    def _retokenize_for_reward(self, input_ids, attention_mask):
+        eos = self.tokenizer.eos_token_id
+        reward_eos = self.reward_tokenizer.eos_token_id
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            real = [token for token, keep in zip(ids, mask) if keep]
+            ended = bool(real) and real[-1] == eos
+            text = self.tokenizer.decode(real, skip_special_tokens=True)
+            encoded = self.reward_tokenizer(text, add_special_tokens=True)["input_ids"]
+            rows.append(encoded + ([reward_eos] if ended else []))
+        width = max(len(row) for row in rows)
+        pad = self.reward_tokenizer.pad_token_id if self.reward_tokenizer.pad_token_id is not None else reward_eos
+        ids = paddle.to_tensor([row + [pad] * (width - len(row)) for row in rows], dtype="int64")
+        mask = paddle.to_tensor([[True] * len(row) + [False] * (width - len(row)) for row in rows])
+        return ids, mask
+
+    @paddle.no_grad()
+    def make_experience(self, prompt_batch: PromptBatch) -> Experience:
+        """Rollout, score with all four models, and compute rewards, advantages and returns."""
+        args = self.args
+        self._enter("rollout")
+        rollout = self.generate(prompt_batch, args.num_return_sequences)
+        self._enter("score")
+        self.critic_model.eval()
+        chunks = []
+        size = args.per_device_train_batch_size
+        for start in range(0, rollout.sequences.shape[0], size):
+            input_ids = rollout.sequences[start : start + size]
+            attention_mask = rollout.attention_mask[start : start + size]
+            position_ids = make_position_ids(attention_mask)
+            with self.actor_trainer.autocast_smart_context_manager():
+                values = self.critic_model(
+                    input_ids=input_ids, attention_mask=attention_mask.astype("int64"), position_ids=position_ids
+                ).scores[:, :-1, 0]
+            chunks.append(
+                dict(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    old_log_probs=self._token_log_probs(self.actor_model, input_ids, attention_mask, position_ids),
+                    reference_log_probs=self._token_log_probs(self.reference_model, input_ids, attention_mask, position_ids),
+                    old_values=values.astype("float32"),
+                    reward_scores=self.reward_scores(input_ids, attention_mask),
+                )
+            )
+        batch = {name: paddle.concat([chunk[name] for chunk in chunks], axis=0) for name in chunks[0]}
+        experience = Experience.build(
+            batch["input_ids"],
+            batch["attention_mask"],
+            rollout.prompt_length,
+            batch["old_log_probs"],
+            batch["reference_log_probs"],
+            batch["old_values"],
+            batch["reward_scores"],
+            kl_coeff=args.kl_coeff,
+            clip_range_score=args.clip_range_score,
+            gamma=args.gamma,
+            gae_lambda=args.gae_lambda,
+            kl_estimator=args.kl_estimator,
+            whiten_advantages=args.whiten_advantages,
+        )
+        self.tracker.add(self._rollout_metrics(experience))
+        lengths = response_lengths(action_mask)
+        self.tracker.add_max({"train/max_generated_length": float(lengths.max())})
+        return experience
+
+    def _rollout_metrics(self, experience: Experience) -> Dict[str, float]:
+        mask = experience.action_mask
+        kl = kl_divergence_per_token(experience.old_log_probs, experience.reference_log_probs, self.args.kl_estimator)
+        lengths = response_lengths(mask).astype("float32")
+        return {
+            "train/reward": float(experience.reward_scores.mean()),
+            "train/reward_with_kl_penalty": float(masked_sum(experience.rewards, mask) / experience.rewards.shape[0]),
+            # Sum over each response of the per-token KL, averaged over responses.
+            "train/kl_divergence": float(masked_sum(kl, mask) / kl.shape[0]),
+            "train/mean_generated_length": float(lengths.mean()),
+            "train/values": float(masked_mean(experience.old_values, mask)),
+            "train/returns": float(masked_mean(experience.returns, mask)),
+            "train/explained_variance": float(explained_variance(experience.old_values, experience.returns, mask)),
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # Updates
+
+    def _update(self, micro_batches: List[Experience], actor_model, critic_model) -> bool:
+        """One optimizer step of the actor and of the critic over accumulated micro-batches.
+        Returns False (and leaves the weights untouched) when a loss was not finite."""
+        step_stats = []
+        try:
+            for experience in micro_batches:
+                stats = StepStats()
+                ptx_batch = next(self.ptx_batches) if self.ptx_batches is not None else None
+                self.actor_trainer.training_step(actor_model, {"experience": experience, "stats": stats, "ptx_batch": ptx_batch})
+                self.critic_trainer.training_step(critic_model, {"experience": experience, "stats": stats})
+                step_stats.append(stats.values)
+        except NonFiniteLossError as error:
+            self.actor_trainer.optimizer.clear_grad()
+            self.critic_trainer.optimizer.clear_grad()
+            self.state.consecutive_nonfinite_steps += 1
+            logger.warning(
+                f"skipped an update at step {self.state.global_step + 1}: {error} "
+                f"({self.state.consecutive_nonfinite_steps} in a row)"
+            )
+            if self.state.consecutive_nonfinite_steps >= self.args.max_consecutive_nonfinite_steps:
+                raise RuntimeError(
+                    f"{self.state.consecutive_nonfinite_steps} consecutive updates had a NaN/inf loss; stopping. "
+                    "Lower the learning rates, check the reward scale (clip_range_score, normalize_reward) "
+                    "or use fp32/bf16 instead of fp16."
+                ) from error
+            return False
+        optimizer_step(self.actor_trainer)
+        optimizer_step(self.critic_trainer)
+        self.state.consecutive_nonfinite_steps = 0
+        for values in step_stats:
+            self.tracker.add({f"train/{name}": value for name, value in values.items()})
+        return True
+
+    def _train_on(self, work: RolloutWork, actor_model, critic_model, progress) -> bool:
+        """Run the optimizer steps of one rollout; returns True when the rollout is used up."""
+        args = self.args
+        micro_batches = work.experience.split(args.per_device_train_batch_size)
+        accumulation = args.gradient_accumulation_steps
+        while work.update_iter < args.update_iters:
+            while work.micro_batch < len(micro_batches):
+                if self.state.global_step >= self.max_steps:
+                    return False
+                self._enter("train")
+                group = micro_batches[work.micro_batch : work.micro_batch + accumulation]
+                stepped = self._update(group, actor_model, critic_model)
+                work.micro_batch += accumulation
+                if stepped:
+                    self.state.global_step += 1
+                    progress.update(1)
+                    self._after_step(work, progress)
+            work.update_iter, work.micro_batch = work.update_iter + 1, 0
+        return True
+
+    def _after_step(self, work: Optional[RolloutWork], progress) -> None:
+        args, step = self.args, self.state.global_step
+        if step % max(args.logging_steps, 1) == 0 or step == self.max_steps:
+            logs = self.tracker.pop()
+            logs["train/actor_lr"] = current_learning_rate(self.actor_trainer)
+            logs["train/critic_lr"] = current_learning_rate(self.critic_trainer)
+            self.log(all_reduce_mean(logs))
+            progress.set_postfix(
+                reward=f"{logs.get('train/reward', float('nan')):.3f}",
+                kl=f"{logs.get('train/kl_divergence', float('nan')):.3f}",
+            )
+        if self.eval_dataset is not None and _is_due(args.evaluation_strategy, args.eval_steps, step):
+            self.log(self.evaluate())
+        if _is_due(args.save_strategy, args.save_steps, step):
+            self.save_checkpoint(work)
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def train(self, resume_from_checkpoint=None) -> Dict[str, float]:
+        args = self.args
+        resume_path = resolve_resume_path(resume_from_checkpoint, args.output_dir)
+        self.actor_trainer.create_optimizer_and_scheduler(num_training_steps=self.max_steps)
+        self.critic_trainer.create_optimizer_and_scheduler(num_training_steps=self.max_steps)
+        actor_model = self._wrap_for_training(self.actor_trainer)
+        critic_model = self._wrap_for_training(self.critic_trainer)
+        self.offload = self._build_offload_manager()
+        work = self.load_checkpoint(resume_path) if resume_path else None
+        if self.is_main_process:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self._truncate_metrics_file()
+
+        self.actor_trainer.state.max_steps = self.max_steps
+        self.actor_trainer.callback_handler.on_train_begin(args, self.actor_trainer.state, self.actor_trainer.control)
+        logger.info(
+            f"PPO: {self.max_steps} optimizer steps, {args.optimizer_steps_per_rollout} per rollout of "
+            f"{args.per_device_prompt_batch_size} prompts x {args.num_return_sequences} responses per device"
+            + (f"; resuming at step {self.state.global_step} from {resume_path}" if resume_path else "")
+        )
+        progress = tqdm(
+            total=self.max_steps, initial=self.state.global_step, desc="PPO",
+            disable=args.disable_tqdm or not self.is_main_process, dynamic_ncols=True,
+        )
+        start = time.time()
+        while self.state.global_step < self.max_steps:
+            if work is None:
+                prompt_batch = PromptBatch.from_collated(next(self.prompt_batches))
+                work = RolloutWork(self.make_experience(prompt_batch))
+                self.state.rollouts_done += 1
+            if self._train_on(work, actor_model, critic_model, progress):
+                work = None
+        progress.close()
+        self.save_final_models()
+        self.actor_trainer.callback_handler.on_train_end(args, self.actor_trainer.state, self.actor_trainer.control)
+        if self.is_main_process:
+            self._plot_curves()
+        return {"global_step": self.state.global_step, "train_runtime": time.time() - start}
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation
+
+    @paddle.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Mean reward-model score of the actor's generations on the eval prompts (this rank's
+        share, averaged over ranks); a few samples go to output_dir/eval_samples/."""
+        args = self.args
+        self._enter("eval")
+        dataset = self.eval_dataset
+        indices = list(range(args.process_index, len(dataset), args.world_size))
+        collate = dataset.get_collator()
+        scores, lengths, samples = [], [], []
+        for start in range(0, len(indices), args.per_device_eval_batch_size):
+            batch = collate([dataset[i] for i in indices[start : start + args.per_device_eval_batch_size]])
+            rollout = self.generate(PromptBatch.from_collated(batch), num_return_sequences=1)
+            batch_scores = self.reward_scores(rollout.sequences, rollout.attention_mask)
+            scores.extend(batch_scores.tolist())
+            action_mask = action_mask_from(rollout.attention_mask, rollout.prompt_length)
+            lengths.extend(response_lengths(action_mask).tolist())
+            if len(samples) < args.num_eval_samples_to_save:
+                samples.extend(self._decode_samples(rollout, batch_scores))
+        metrics = all_reduce_mean(
+            {"eval/reward": sum(scores) / max(len(scores), 1), "eval/mean_generated_length": sum(lengths) / max(len(lengths), 1)}
+        )
+        if self.is_main_process:
+            directory = os.path.join(args.output_dir, "eval_samples")
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, f"step-{self.state.global_step}.jsonl"), "w", encoding="utf-8") as f:
+                for sample in samples[: args.num_eval_samples_to_save]:
+                    f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        return metrics
+
+    def _decode_samples(self, rollout: RolloutOutput, scores: paddle.Tensor) -> List[dict]:
+        samples = []
+        prompt_length = rollout.prompt_length
+        for ids, mask, score in zip(rollout.sequences.tolist(), rollout.attention_mask.tolist(), scores.tolist()):
+            prompt = [t for t, keep in zip(ids[:prompt_length], mask[:prompt_length]) if keep]
+            response = [t for t, keep in zip(ids[prompt_length:], mask[prompt_length:]) if keep]
+            samples.append(
+                {
+                    "prompt": self.tokenizer.decode(prompt, skip_special_tokens=True),
+                    "response": self.tokenizer.decode(response, skip_special_tokens=True),
+                    "reward": score,
+                }
+            )
+        return samples
+
+    # ------------------------------------------------------------------------------------------
+    # Logging
+
+    def log(self, logs: Dict[str, float]) -> None:
+        step = self.state.global_step
+        if self.is_main_process:
+            with open(os.path.join(self.args.output_dir, METRICS_FILE), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+            logger.info(f"step {step}: " + ", ".join(f"{name}={value:.4g}" for name, value in sorted(logs.items())))
+        # PaddleNLP's reporting callbacks add the train/ or eval/ namespace themselves.
+        plain = {
+            (f"eval_{name[len('eval/'):]}" if name.startswith("eval/") else name.split("/", 1)[-1]): value
+            for name, value in logs.items()
+        }
+        self.actor_trainer.state.global_step = step
+        self.actor_trainer.log(plain)
+
+    def _truncate_metrics_file(self) -> None:
+        """After a resume, drop lines logged past the checkpoint so the file reads as one run."""
+        path = os.path.join(self.args.output_dir, METRICS_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.state.global_step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+
+    def _plot_curves(self) -> None:
+        path = os.path.join(self.args.output_dir, METRICS_FILE)
+        if os.path.exists(path):
+            plot_training_curves(path, os.path.join(self.args.output_dir, CURVES_FILE))
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save_final_models(self) -> None:
+        """output_dir/policy and output_dir/value: plain model directories for PaddleNLP."""
+        self._enter("save")
+        for name, model in (("policy", self.actor_model), ("value", self.critic_model)):
+            save_model_dir(model, self.tokenizer, os.path.join(self.args.output_dir, name), self.args)
+
+    def save_checkpoint(self, work: Optional[RolloutWork]) -> str:
+        """Everything needed to continue exactly: models, optimizers, schedulers, RNG, sampler
+        positions, pending experience. Staged in a temporary directory and renamed into place."""
+        args = self.args
+        self._enter("save")
+        final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}")
+        staging = os.path.join(args.output_dir, f".{CHECKPOINT_PREFIX}{self.state.global_step}.staging")
+        rank = args.process_index
+        if self.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        _barrier()
+        save_model_dir(self.actor_model, self.tokenizer, os.path.join(staging, "policy"), args, atomic=False)
+        save_model_dir(self.critic_model, self.tokenizer, os.path.join(staging, "value"), args, atomic=False)
+        for role, trainer in (("actor", self.actor_trainer), ("critic", self.critic_trainer)):
+            paddle.save(trainer.optimizer.state_dict(), os.path.join(staging, f"{role}_optimizer.rank{rank}.pdopt"))
+            if self.is_main_process:
+                paddle.save(trainer.lr_scheduler.state_dict(), os.path.join(staging, f"{role}_scheduler.pdparams"))
+        save_rng_state(os.path.join(staging, f"rng_state.rank{rank}.pkl"))
+        if work is not None:
+            experience = {f.name: getattr(work.experience, f.name) for f in fields(work.experience)}
+            paddle.save(experience, os.path.join(staging, f"{PENDING_EXPERIENCE_NAME}.rank{rank}"))
+        _barrier()
+        if self.is_main_process:
+            self.state.prompt_sampler = self.prompt_sampler.state
+            if self.ptx_sampler is not None:
+                self.state.ptx_sampler = self.ptx_sampler.state
+            self.state.pending_update_iter = None if work is None else work.update_iter
+            self.state.pending_micro_batch = None if work is None else work.micro_batch
+            self.state.metric_tracker = self.tracker.state_dict()
+            # The state file is written last: a directory without it is never resumed from.
+            with open(os.path.join(staging, PPO_STATE_NAME), "w", encoding="utf-8") as f:
+                f.write(self.state.to_json())
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(staging, final)
+            rotate_checkpoints(args.output_dir, args.save_total_limit)
+            logger.info(f"saved checkpoint {final}")
+        _barrier()
+        return final
+
+    def load_checkpoint(self, path: str) -> Optional[RolloutWork]:
+        rank = self.args.process_index
+        with open(os.path.join(path, PPO_STATE_NAME), encoding="utf-8") as f:
+            self.state = PPOState.from_json(f.read())
+        load_model_weights(self.actor_model, os.path.join(path, "policy"))
+        load_model_weights(self.critic_model, os.path.join(path, "value"))
+        for role, trainer in (("actor", self.actor_trainer), ("critic", self.critic_trainer)):
+            optimizer_file = os.path.join(path, f"{role}_optimizer.rank{rank}.pdopt")
+            if not os.path.exists(optimizer_file):
+                raise FileNotFoundError(
+                    f"{optimizer_file} is missing: the checkpoint was written by a different number of processes"
+                )
+            trainer.optimizer.set_state_dict(paddle.load(optimizer_file))
+            trainer.lr_scheduler.set_state_dict(paddle.load(os.path.join(path, f"{role}_scheduler.pdparams")))
+        load_rng_state(os.path.join(path, f"rng_state.rank{rank}.pkl"))
+        self.prompt_sampler.state = self.state.prompt_sampler
+        if self.ptx_sampler is not None:
+            self.ptx_sampler.state = self.state.ptx_sampler
+        self.tracker.load_state_dict(self.state.metric_tracker)
+        if self.state.pending_update_iter is None:
+            return None
+        experience = Experience(**paddle.load(os.path.join(path, f"{PENDING_EXPERIENCE_NAME}.rank{rank}")))
+        return RolloutWork(experience, self.state.pending_update_iter, self.state.pending_micro_batch)
+
+
+def _is_due(strategy, every: Optional[int], step: int) -> bool:
+    return str(getattr(strategy, "value", strategy)) == "steps" and bool(every) and step % every == 0
+
+
+def _barrier() -> None:
+    if is_distributed():
+        dist.barrier()

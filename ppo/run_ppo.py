@@ -1,0 +1,128 @@
+"""Stage 3, RLHF with PPO.
+
+    python -u -m paddle.distributed.launch ppo/run_ppo.py config/llama/ppo_argument.json
+    cd ppo && python -u -m paddle.distributed.launch run_ppo.py ../config/llama/ppo_argument.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# Run as a script from the repo root or from ppo/: import through the package, never through
+# top-level `data`/`models` modules next to this file.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = _REPO_ROOT
+elif _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+import paddle  # noqa: E402
+from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from paddlenlp.utils.log import logger  # noqa: E402
+
+from ppo.arguments import PPODataArguments, PPOModelArguments, PPOTrainingArguments  # noqa: E402
+from ppo.cli import parse_config  # noqa: E402
+from ppo.data import PromptOnlyDataset, SupervisedDataset  # noqa: E402
+from ppo.model_io import tokenizers_match  # noqa: E402
+from ppo.models import AutoModelForScore  # noqa: E402
+from ppo.ppo_trainer import PPOTrainer  # noqa: E402
+
+
+def model_dtype(args: PPOTrainingArguments) -> str:
+    return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        # Masks are built from lengths everywhere, so pad == eos is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def require_score_model(path: str, role: str) -> None:
+    config = AutoConfig.from_pretrained(path)
+    architectures = getattr(config, "architectures", None) or []
+    if not any(name.endswith("ForScore") for name in architectures):
+        raise ValueError(
+            f"{role} {path!r} is not a score model (its config lists architectures {architectures}); "
+            "train one with rm/run_reward.py, or pass a score model directory"
+        )
+
+
+def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, training_args: PPOTrainingArguments):
+    paddle.seed(training_args.seed)
+    dtype = model_dtype(training_args)
+    tokenizer = load_tokenizer(model_args.actor_model_name_or_path)
+    require_score_model(model_args.reward_model_name_or_path, "reward_model_name_or_path")
+    reward_tokenizer = load_tokenizer(model_args.reward_model_name_or_path)
+    critic_tokenizer = load_tokenizer(model_args.reward_critic_model_name_or_path)
+    if not tokenizers_match(tokenizer, critic_tokenizer):
+        raise ValueError(
+            f"the critic ({model_args.reward_critic_model_name_or_path}) must share the actor's tokenizer because it "
+            "scores every actor token; pass reward_critic_model_name_or_path pointing to a model with the actor's "
+            "vocabulary (e.g. a score model initialised from the SFT model)"
+        )
+
+    actor = AutoModelForCausalLM.from_pretrained(model_args.actor_model_name_or_path, dtype=dtype)
+    reference = AutoModelForCausalLM.from_pretrained(model_args.actor_model_name_or_path, dtype=dtype)
+    if training_args.recompute:
+        actor.config.recompute = True
+    reward_model = AutoModelForScore.from_pretrained(
+        model_args.reward_model_name_or_path,
+        dtype=dtype,
+        score_type="reward",
+        do_normalize=training_args.normalize_reward,
+    )
+    critic = AutoModelForScore.from_pretrained(
+        model_args.reward_critic_model_name_or_path, dtype=dtype, score_type="critic", do_normalize=False
+    )
+    if training_args.critic_recompute:
+        critic.config.recompute = True
+
+    # Prompts must leave room for at least one generated token.
+    train_dataset = PromptOnlyDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length - 1, seed=training_args.seed)
+    eval_dataset = (
+        PromptOnlyDataset(data_args.eval_datasets, tokenizer, max_length=data_args.max_length - 1, seed=training_args.seed)
+        if data_args.eval_datasets
+        else None
+    )
+    ptx_dataset = (
+        SupervisedDataset(data_args.ptx_datasets, tokenizer, max_length=data_args.max_length, seed=training_args.seed)
+        if data_args.ptx_datasets
+        else None
+    )
+    return PPOTrainer(
+        args=training_args,
+        actor_model=actor,
+        reference_model=reference,
+        reward_model=reward_model,
+        critic_model=critic,
+        tokenizer=tokenizer,
+        reward_tokenizer=reward_tokenizer,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        ptx_dataset=ptx_dataset,
+        max_length=data_args.max_length,
+    )
+
+
+def main(argv=None) -> dict:
+    model_args, data_args, training_args = parse_config(
+        sys.argv[1:] if argv is None else argv, PPOModelArguments, PPODataArguments, PPOTrainingArguments
+    )
+    trainer = build_trainer(model_args, data_args, training_args)
+    results = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.eval_dataset is not None and training_args.do_eval:
+        results.update(trainer.evaluate())
+    if trainer.is_main_process:
+        with open(os.path.join(training_args.output_dir, "all_results.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    logger.info(f"PPO finished: {results}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
