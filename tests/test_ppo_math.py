@@ -214,6 +214,14 @@ def test_reductions_differ_when_lengths_differ():
     assert masked_mean(x, mask, Reduction.SEQ_MEAN_TOKEN_MEAN).item() == pytest.approx(5 / 2)
 
 
+def test_single_valid_token_is_its_own_mean():
+    x = t([[3.5, -7.0], [9.0, 9.0]], "float32")
+    mask = t([[True, False], [False, False]])
+    for reduction in Reduction:
+        assert masked_mean(x, mask, reduction).item() == 3.5
+    assert masked_variance(x, mask).item() == 0.0
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_empty_mask_gives_zero_not_nan(dtype):
     x = paddle.randn([3, 4]).astype(dtype)

@@ -143,6 +143,8 @@ def last_action_indices(action_mask: paddle.Tensor) -> paddle.Tensor:  # [B, T] 
     """Column of each row's last action position (its EOS, or the last token when generation hit
     the length limit); -1 for a row with no action position."""
     mask = _as_bool(action_mask)
+    if mask.shape[-1] == 0:
+        return paddle.full(mask.shape[:-1], -1, dtype="int64")
     columns = paddle.arange(mask.shape[-1], dtype="int64").unsqueeze(0).expand(mask.shape)
     return paddle.where(mask, columns, paddle.full_like(columns, -1)).max(axis=-1)
 
@@ -150,6 +152,8 @@ def last_action_indices(action_mask: paddle.Tensor) -> paddle.Tensor:  # [B, T] 
 def _check_contiguous_rows(action_mask: paddle.Tensor) -> None:
     """GAE's terminal handling assumes one unbroken run of action positions per row."""
     mask = _as_bool(action_mask).astype("int64")
+    if mask.shape[-1] == 0:
+        return
     run_starts = paddle.clip(mask[:, 1:] - mask[:, :-1], min=0).sum(axis=-1) + mask[:, 0]
     if bool((run_starts > 1).any()):
         bad_rows = paddle.nonzero(run_starts > 1).flatten().tolist()
