@@ -62,3 +62,14 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> str:
 def tiny_qwen2_dir(tmp_path_factory, tiny_tokenizer_dir) -> str:
     """A saved randomly initialised 2-layer Qwen2 (hidden 64) with the tiny tokenizer."""
     return _save_model_dir(tmp_path_factory, tiny_tokenizer_dir, "qwen2")
+
+
+@pytest.fixture()
+def dataset_registry():
+    """Lets a test register `RawDataset` subclasses without leaking them into other tests."""
+    from ppo.data import RawDataset
+
+    saved = dict(RawDataset._registry)
+    yield RawDataset
+    RawDataset._registry.clear()
+    RawDataset._registry.update(saved)

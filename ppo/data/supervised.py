@@ -1,0 +1,69 @@
+"""Supervised fine-tuning data: prompt + answer, loss on the answer tokens only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, TypedDict, Union
+
+import paddle
+
+from ppo.data.base import IGNORE_INDEX, RawSample
+from ppo.data.tokenized import Skip, TokenizedDataset, length_mask, right_pad, to_tensor
+
+
+class SupervisedSample(TypedDict):
+    input_ids: list[int]  # [L]  prompt + answer + EOS
+    labels: list[int]  # [L]  = input_ids on answer tokens (and EOS), IGNORE_INDEX elsewhere
+
+
+class SupervisedBatch(TypedDict):
+    input_ids: paddle.Tensor  # [B, L] int64, right-padded with the pad id
+    attention_mask: paddle.Tensor  # [B, L] int64, 1 on real tokens (EOS included)
+    labels: paddle.Tensor  # [B, L] int64, right-padded with IGNORE_INDEX
+
+
+class SupervisedDataset(TokenizedDataset):
+    """SFT samples from (input, answer) or (dialogue).
+
+    `labels` are aligned with `input_ids` (not shifted): position t holds the token at t, or
+    IGNORE_INDEX for prompt/user tokens. Predicting token t+1 from position t is the loss's job.
+    For a `dialogue`, every assistant turn (and its EOS) is labelled.
+
+    Sequences longer than `max_length` are truncated (the final EOS may be cut). A sample whose
+    prompt leaves no room for a single answer token is skipped; skipped samples are reported in one
+    `DataWarning`, and an error is raised if every sample is skipped.
+    """
+
+    REQUIRED_FIELDS = (("input", "answer"), ("dialogue",))
+
+    def preprocess(self, sample: RawSample) -> Union[SupervisedSample, Skip]:
+        if "dialogue" in sample:
+            input_ids, is_answer = self.encode_turns(sample["dialogue"])
+        else:
+            prompt = self.encode_prompt(sample["input"])
+            answer = self.encode_answer(sample["answer"])
+            input_ids, is_answer = prompt + answer, [False] * len(prompt) + [True] * len(answer)
+        input_ids, is_answer = input_ids[: self.max_length], is_answer[: self.max_length]
+        if not any(is_answer):
+            return Skip(f"prompt fills max_length={self.max_length} with no room for an answer token")
+        labels = [token if answer else IGNORE_INDEX for token, answer in zip(input_ids, is_answer)]
+        return SupervisedSample(input_ids=input_ids, labels=labels)
+
+    def get_collator(self) -> "SupervisedCollator":
+        return SupervisedCollator(pad_token_id=self.pad_token_id)
+
+
+@dataclass(frozen=True)
+class SupervisedCollator:
+    """Right-pads `input_ids` (pad id) and `labels` (IGNORE_INDEX); see `SupervisedBatch`."""
+
+    pad_token_id: int
+
+    def __call__(self, samples: Sequence[SupervisedSample]) -> SupervisedBatch:
+        input_ids = [sample["input_ids"] for sample in samples]
+        padded = right_pad(input_ids, self.pad_token_id)
+        return SupervisedBatch(
+            input_ids=to_tensor(padded),
+            attention_mask=to_tensor(length_mask([len(ids) for ids in input_ids], padded.shape[1])),
+            labels=to_tensor(right_pad([sample["labels"] for sample in samples], IGNORE_INDEX)),
+        )

@@ -1,0 +1,301 @@
+"""Shared machinery of the tokenised datasets: spec loading, validation, encoding, padding.
+
+Encoding layout (every dataset type and every tokenizer uses the same one, so SFT, RM and PPO
+see identical token ids for the same text):
+
+    [special prefix, e.g. BOS] "BEGINNING OF CONVERSATION: USER: {u1} ASSISTANT:"
+    {a1} EOS "USER: {u2} ASSISTANT:" ... {answer} EOS
+
+Each piece is tokenised on its own and the ids are concatenated, so the boundary between prompt
+and answer is exact (no merge across it) and a generated answer continues the prompt ids just as
+the training data does. For tokenizers that parse the EOS string as the EOS token this equals
+tokenising `format_prompt(...)` text.
+
+Masks are always built from sequence lengths, never from `input_ids != pad_token_id`: when a
+tokenizer has no pad token we pad with EOS, and the EOS that ends each answer is a real token.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import paddle
+
+from ppo.data.base import PROMPT_ASSISTANT, PROMPT_BEGIN, PROMPT_USER, RawDataset, RawSample, RawSampleError, check_raw_sample
+from ppo.data.specs import DatasetSpecs, parse_dataset_specs, sample_indices
+
+
+class DataWarning(UserWarning):
+    """Samples were skipped or dropped while building a tokenised dataset."""
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """Where a tokenised item came from: the dataset name as given in the spec, and the row index."""
+
+    dataset: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"dataset {self.dataset!r} row {self.index}"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Returned by `preprocess` instead of an item when a sample cannot be used (with the reason)."""
+
+    reason: str
+
+
+class InvalidSample(Exception):
+    """Raised by `preprocess` for a sample whose fields contradict each other; the dataset turns it
+    into a `RawSampleError` naming the dataset and row."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(field, problem)
+        self.field, self.problem = field, problem
+
+
+class SkippedSamples:
+    """Counts skipped samples by reason, to report them in one warning."""
+
+    def __init__(self) -> None:
+        self.by_reason: dict[str, list[RowRef]] = {}
+
+    def add(self, reason: str, ref: RowRef) -> None:
+        self.by_reason.setdefault(reason, []).append(ref)
+
+    def __len__(self) -> int:
+        return sum(len(refs) for refs in self.by_reason.values())
+
+    def describe(self) -> str:
+        return "; ".join(f"{len(refs)} × {reason} (first: {refs[0]})" for reason, refs in self.by_reason.items())
+
+
+def resolve_pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or its EOS id when it has no pad token."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an EOS token; set tokenizer.pad_token")
+    return int(pad)
+
+
+def special_prefix_ids(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before the text when adding special tokens (BOS for Llama, none for
+    Qwen2). Suffix tokens some tokenizers append (an EOS) are deliberately not used: prompts must
+    end with the assistant tag."""
+    probe = "a"
+    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    without = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for start in range(len(with_special) - len(without) + 1):
+        if with_special[start : start + len(without)] == without:
+            return with_special[:start]
+    return []
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_value: int, length: Optional[int] = None) -> np.ndarray:
+    """[B, L] int64 array; L = `length` or the longest sequence."""
+    return _pad(sequences, pad_value, length, left=False)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_value: int, length: Optional[int] = None) -> np.ndarray:
+    """[B, L] int64 array with padding on the left (for generation)."""
+    return _pad(sequences, pad_value, length, left=True)
+
+
+def length_mask(lengths: Sequence[int], length: int, left: bool = False) -> np.ndarray:
+    """[B, L] int64 mask with 1 on the `lengths[b]` real positions of each row."""
+    positions = np.arange(length)[None, :]  # [1, L]
+    lengths_column = np.asarray(lengths, dtype=np.int64)[:, None]  # [B, 1]
+    if left:
+        return (positions >= length - lengths_column).astype(np.int64)
+    return (positions < lengths_column).astype(np.int64)
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_value: int, length: Optional[int], left: bool) -> np.ndarray:
+    longest = max(len(sequence) for sequence in sequences)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"cannot pad a sequence of length {longest} to {length}")
+    padded = np.full((len(sequences), length), pad_value, dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        if len(sequence):
+            if left:
+                padded[row, length - len(sequence) :] = sequence
+            else:
+                padded[row, : len(sequence)] = sequence
+    return padded
+
+
+def to_tensor(array: np.ndarray) -> paddle.Tensor:
+    return paddle.to_tensor(array, dtype="int64")
+
+
+class TokenizedDataset(paddle.io.Dataset):
+    """Loads the datasets named by `datasets` (dict, `name[:proportion[:path]]` string or list; see
+    `ppo.data.specs`), samples them with `seed`, validates every raw sample as it is read, and
+    tokenises it with `preprocess`. `max_length` (default `tokenizer.model_max_length`) bounds every
+    sequence. Subclasses set `REQUIRED_FIELDS` and implement `preprocess` and `get_collator`.
+    """
+
+    REQUIRED_FIELDS: ClassVar[tuple[tuple[str, ...], ...]]
+
+    def __init__(
+        self,
+        datasets: DatasetSpecs,
+        tokenizer: Any,
+        max_length: Optional[int] = None,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.max_length = _resolve_max_length(tokenizer, max_length)
+        self.seed = seed
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no EOS token; every sequence must end with one")
+        self.eos_token_id = int(eos)
+        self.pad_token_id = resolve_pad_token_id(tokenizer)
+        self.specs = parse_dataset_specs(datasets)
+        self._prefix_ids = special_prefix_ids(tokenizer)
+        self.items: list[dict[str, Any]] = []
+        self.sources: list[RowRef] = []  # sources[i] = where items[i] came from
+        self._build_items(self._raw_samples())
+        if not self.items:
+            raise ValueError(f"{type(self).__name__}: no samples in {[str(spec) for spec in self.specs]}")
+
+    # ---- building ------------------------------------------------------------------------------
+
+    def _raw_samples(self) -> Iterator[tuple[RowRef, RawSample]]:
+        """Validated raw samples of every spec, in spec order, seeded."""
+        classes = [RawDataset.resolve(spec.name) for spec in self.specs]  # fail on a typo before loading
+        seen: dict[tuple[type, Optional[str]], str] = {}
+        for spec, dataset_class in zip(self.specs, classes):
+            key = (dataset_class, spec.path)
+            if key in seen:
+                raise ValueError(
+                    f"dataset {spec.name!r} is listed twice ({seen[key]!r} and {spec.name!r}, same path); "
+                    "use one entry with a proportion above 1 to repeat it"
+                )
+            seen[key] = spec.name
+        rng = np.random.default_rng(self.seed)
+        for spec in self.specs:
+            raw = RawDataset.load(spec.name, spec.path)
+            for index in sample_indices(len(raw), spec, rng):
+                sample = check_raw_sample(raw[index], self.REQUIRED_FIELDS, spec.name, index)
+                yield RowRef(spec.name, index), sample
+
+    def _build_items(self, samples: Iterator[tuple[RowRef, RawSample]]) -> None:
+        skipped = SkippedSamples()
+        total = 0
+        for ref, sample in samples:
+            total += 1
+            result = self._preprocess(ref, sample)
+            if isinstance(result, Skip):
+                skipped.add(result.reason, ref)
+            else:
+                self.items.append(result)
+                self.sources.append(ref)
+        self._report_skipped(skipped, total, verb="skipped")
+
+    def _preprocess(self, ref: RowRef, sample: RawSample) -> Union[dict[str, Any], Skip]:
+        try:
+            return self.preprocess(sample)
+        except InvalidSample as error:
+            raise RawSampleError(f"{ref}: field {error.field!r} {error.problem}") from None
+
+    def _report_skipped(self, skipped: SkippedSamples, total: int, verb: str) -> None:
+        if not skipped:
+            return
+        name = type(self).__name__
+        if len(skipped) == total:
+            raise ValueError(f"{name}: all {total} samples were {verb}: {skipped.describe()}")
+        warnings.warn(f"{name}: {verb} {len(skipped)} of {total} samples: {skipped.describe()}", DataWarning, stacklevel=4)
+
+    def preprocess(self, sample: RawSample) -> Union[dict[str, Any], Skip]:
+        """Tokenise one validated raw sample into an item, or return `Skip(reason)`."""
+        raise NotImplementedError
+
+    def get_collator(self):
+        """The callable that turns a list of items into a batch dict of `paddle.Tensor`s."""
+        raise NotImplementedError
+
+    # ---- encoding ------------------------------------------------------------------------------
+
+    def encode_turns(self, turns: Sequence[str]) -> tuple[list[int], list[bool]]:
+        """Ids of a conversation (user, assistant, user, ...) and, per id, whether it belongs to an
+        assistant turn (the answer tokens and the EOS after them)."""
+        ids: list[int] = list(self._prefix_ids)
+        is_assistant: list[bool] = [False] * len(ids)
+        for position, turn in enumerate(turns):
+            if position % 2 == 0:
+                text = PROMPT_USER.format(input=turn) + " " + PROMPT_ASSISTANT
+                if position == 0:
+                    text = PROMPT_BEGIN + " " + text
+                piece = self._encode_text(text)
+            else:
+                piece = self.encode_answer(turn)
+            ids += piece
+            is_assistant += [position % 2 == 1] * len(piece)
+        return ids, is_assistant
+
+    def encode_prompt(self, input: Union[str, Sequence[str]]) -> list[int]:
+        """Ids of the prompt for `input` (a string or a dialogue ending with a user turn)."""
+        return self.encode_turns([input] if isinstance(input, str) else list(input))[0]
+
+    def encode_answer(self, answer: str) -> list[int]:
+        """Ids of an answer followed by EOS."""
+        return self._encode_text(answer) + [self.eos_token_id]
+
+    def _encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---- dataset protocol ----------------------------------------------------------------------
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def select(self, indices: Sequence[int]):
+        """A dataset of the same type holding only `items[i]` for i in `indices` (shares the tokenizer)."""
+        subset = copy.copy(self)
+        subset.items = [self.items[i] for i in indices]
+        subset.sources = [self.sources[i] for i in indices]
+        return subset
+
+    def split_train_test(self, test_ratio: float, seed: Optional[int] = None):
+        """Split into (train, test) datasets with `ceil(test_ratio * len)` seeded random test items.
+
+        Raises if either side would be empty; the train side always keeps at least one item.
+        """
+        if isinstance(test_ratio, bool) or not isinstance(test_ratio, (int, float)) or not 0 < test_ratio < 1:
+            raise ValueError(f"test_ratio must be a number strictly between 0 and 1, got {test_ratio!r}")
+        size = len(self)
+        num_test = math.ceil(test_ratio * size)
+        if num_test >= size:
+            raise ValueError(
+                f"test_ratio {test_ratio} of {size} samples leaves no training sample; use a smaller ratio or more data"
+            )
+        order = np.random.default_rng(self.seed if seed is None else seed).permutation(size)
+        test_indices = sorted(int(i) for i in order[:num_test])
+        train_indices = sorted(int(i) for i in order[num_test:])
+        return self.select(train_indices), self.select(test_indices)
+
+
+def _resolve_max_length(tokenizer: Any, max_length: Optional[int]) -> int:
+    if max_length is None:
+        max_length = getattr(tokenizer, "model_max_length", None)
+        if max_length is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no model_max_length; pass max_length")
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    return int(max_length)
