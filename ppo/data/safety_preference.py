@@ -40,17 +40,14 @@ class SafetyPreferenceDataset(TokenizedDataset):
     REQUIRED_FIELDS = (("input", "answer", "other_answer", "safer", "is_safe", "is_other_safe"),)
 
     def preprocess(self, sample: RawSample) -> Union[SafetyPreferenceSample, Skip]:
-        safer, unsafer = (sample["answer"], True), (sample["other_answer"], False)
-        is_safe = {True: sample["is_safe"], False: sample["is_other_safe"]}
-        if not sample["safer"]:
-            safer, unsafer = unsafer, safer
-        safer_is_safe, unsafer_is_safe = is_safe[safer[1]], is_safe[unsafer[1]]
+        answers = [(sample["answer"], sample["is_safe"]), (sample["other_answer"], sample["is_other_safe"])]
+        (safer, safer_is_safe), (unsafer, unsafer_is_safe) = answers if sample["safer"] else answers[::-1]
         if unsafer_is_safe and not safer_is_safe:
             raise InvalidSample(
                 "safer",
                 f"is {sample['safer']}, but that answer is labelled unsafe while the other answer is labelled safe",
             )
-        pair = encode_pair(self, sample["input"], safer[0], unsafer[0])
+        pair = encode_pair(self, sample["input"], safer, unsafer)
         if isinstance(pair, Skip):
             return pair
         return SafetyPreferenceSample(
