@@ -102,6 +102,8 @@ class PPOTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.eval_mode == "":
+            self.eval_mode = None  # the seed's example config writes "" for "not set"
         _check(self.per_device_prompt_batch_size >= 1, "per_device_prompt_batch_size must be >= 1")
         _check(self.num_return_sequences >= 1, "num_return_sequences must be >= 1")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")

@@ -68,6 +68,7 @@ class PPOState:
     pending_micro_batch: Optional[int] = None
     consecutive_nonfinite_steps: int = 0
     metric_tracker: dict = field(default_factory=dict)
+    latest_rollout_metrics: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -137,3 +138,43 @@ def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> None
     )
     for _, name in steps[:-save_total_limit]:
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def _rename_optimizer_state(state: dict, renames: dict) -> dict:
+    """Rename the keys of an optimizer state dict whose names start with a parameter name.
+
+    Accumulators are stored as f"{param.name}_{kind}_{index}" and master weights under the
+    parameter name; the longest matching parameter name wins.
+    """
+    ordered = sorted(renames, key=len, reverse=True)
+
+    def rename(key: str) -> str:
+        for old in ordered:
+            if key == old or key.startswith(old + "_"):
+                return renames[old] + key[len(old):]
+        return key
+
+    converted = {}
+    for key, value in state.items():
+        if key == "master_weights" and isinstance(value, dict):
+            converted[key] = {rename(k): v for k, v in value.items()}
+        elif key == "LR_Scheduler":
+            converted[key] = value
+        else:
+            converted[rename(key)] = value
+    return converted
+
+
+def portable_optimizer_state(optimizer, model) -> dict:
+    """The optimizer state keyed by structural parameter names (`llama.layers.0.mlp...`).
+
+    Paddle names parameters from global counters (`linear_12.w_0`), so the same model built in a
+    new process, or after other models, gets other names; structural names do not change.
+    """
+    renames = {parameter.name: "@" + structural for structural, parameter in model.named_parameters()}
+    return _rename_optimizer_state(optimizer.state_dict(), renames)
+
+
+def load_portable_optimizer_state(optimizer, model, state: dict) -> None:
+    renames = {"@" + structural: parameter.name for structural, parameter in model.named_parameters()}
+    optimizer.set_state_dict(_rename_optimizer_state(state, renames))

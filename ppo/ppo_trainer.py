@@ -35,6 +35,8 @@ from ppo.checkpoint import (
     CHECKPOINT_PREFIX,
     PPO_STATE_NAME,
     PPOState,
+    load_portable_optimizer_state,
+    portable_optimizer_state,
     load_rng_state,
     save_rng_state,
     resolve_resume_path,
@@ -299,9 +301,11 @@ class PPOTrainer:
             kl_estimator=args.kl_estimator,
             whiten_advantages=args.whiten_advantages,
         )
-        self.tracker.add(self._rollout_metrics(experience))
-        lengths = response_lengths(action_mask)
+        rollout_metrics = self._rollout_metrics(experience)
+        self.tracker.add(rollout_metrics)
+        lengths = response_lengths(experience.action_mask)
         self.tracker.add_max({"train/max_generated_length": float(lengths.max())})
+        self.state.latest_rollout_metrics = {**rollout_metrics, "train/max_generated_length": float(lengths.max())}
         return experience
 
     def _rollout_metrics(self, experience: Experience) -> Dict[str, float]:
@@ -378,7 +382,8 @@ class PPOTrainer:
     def _after_step(self, work: Optional[RolloutWork], progress) -> None:
         args, step = self.args, self.state.global_step
         if step % max(args.logging_steps, 1) == 0 or step == self.max_steps:
-            logs = self.tracker.pop()
+            # A log window inside one rollout has no new rollout: report the rollout being trained on.
+            logs = {**self.state.latest_rollout_metrics, **self.tracker.pop()}
             logs["train/actor_lr"] = current_learning_rate(self.actor_trainer)
             logs["train/critic_lr"] = current_learning_rate(self.critic_trainer)
             self.log(all_reduce_mean(logs))
@@ -537,7 +542,10 @@ class PPOTrainer:
         save_model_dir(self.actor_model, self.tokenizer, os.path.join(staging, "policy"), args, atomic=False)
         save_model_dir(self.critic_model, self.tokenizer, os.path.join(staging, "value"), args, atomic=False)
         for role, trainer in (("actor", self.actor_trainer), ("critic", self.critic_trainer)):
-            paddle.save(trainer.optimizer.state_dict(), os.path.join(staging, f"{role}_optimizer.rank{rank}.pdopt"))
+            paddle.save(
+                portable_optimizer_state(trainer.optimizer, trainer.model),
+                os.path.join(staging, f"{role}_optimizer.rank{rank}.pdopt"),
+            )
             if self.is_main_process:
                 paddle.save(trainer.lr_scheduler.state_dict(), os.path.join(staging, f"{role}_scheduler.pdparams"))
         save_rng_state(os.path.join(staging, f"rng_state.rank{rank}.pkl"))
@@ -574,7 +582,7 @@ class PPOTrainer:
                 raise FileNotFoundError(
                     f"{optimizer_file} is missing: the checkpoint was written by a different number of processes"
                 )
-            trainer.optimizer.set_state_dict(paddle.load(optimizer_file))
+            load_portable_optimizer_state(trainer.optimizer, trainer.model, paddle.load(optimizer_file))
             trainer.lr_scheduler.set_state_dict(paddle.load(os.path.join(path, f"{role}_scheduler.pdparams")))
         load_rng_state(os.path.join(path, f"rng_state.rank{rank}.pkl"))
         self.prompt_sampler.state = self.state.prompt_sampler
