@@ -44,20 +44,26 @@ def _settings(seed: int) -> dict:
     return {"seed": seed, "data_sizes": DEFAULT_SIZES, "tokenizer_vocab_size": TOKENIZER_VOCAB_SIZE, "base_model": BASE_MODEL}
 
 
-def _check_manifest(output_root: str, settings: dict, force: bool) -> None:
-    """Refuse to mix outputs built with other settings into this run (unless rebuilding)."""
+def _record_settings(output_root: str, settings: dict, force: bool) -> None:
+    """Write the manifest, or check an existing one: outputs built with other settings are
+    never mixed into this run (unless rebuilding). Written before any stage is built, so stages
+    left by an interrupted run are known to match it."""
     path = os.path.join(output_root, MANIFEST)
-    if force or not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as handle:
-        existing = json.load(handle)
-    if existing != settings:
+    if os.path.exists(path) and not force:
+        with open(path, encoding="utf-8") as handle:
+            existing = json.load(handle)
+        if existing == settings:
+            return
         changed = sorted(key for key in set(existing) | set(settings) if existing.get(key) != settings.get(key))
         raise SystemExit(
             f"{output_root} was prepared with different settings ({', '.join(changed)}: "
             f"{ {k: existing.get(k) for k in changed} } vs requested { {k: settings.get(k) for k in changed} }); "
             "rerun with --force to rebuild it"
         )
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(settings, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(path + ".tmp", path)
 
 
 def _build_stage(target: str, build: Callable[[str], str], force: bool, log: Callable[[str], None], name: str) -> None:
@@ -82,10 +88,7 @@ def prepare_tiny(output_root: str, seed: int = 0, force: bool = False, log: Call
     """Build (or keep) ROOT/data, ROOT/tokenizer and ROOT/base; returns their paths by stage."""
     settings = _settings(seed)
     os.makedirs(output_root, exist_ok=True)
-    _check_manifest(output_root, settings, force)
-    with open(os.path.join(output_root, MANIFEST), "w", encoding="utf-8") as handle:
-        json.dump(settings, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+    _record_settings(output_root, settings, force)
     paths = {stage: os.path.join(output_root, stage) for stage in STAGES}
 
     def build_data(staging):
