@@ -1,0 +1,384 @@
+"""Rollout: sample responses for a batch of left-padded prompts from the policy being trained.
+
+`RolloutEngine` picks one of three backends (`RolloutEngine.backend` says which):
+
+- "fused": PaddleNLP's fused inference model (needs `paddlenlp_ops`, GPU only), its weights
+  copied in place from the training model before each rollout, prompts passed as token ids.
+  See `FusedRollout` below.
+- "decoder": our KV-cached decoder (`ppo/models/infer_model_utils.py`) running on the training
+  model's own parameters. Default on CPU and whenever `paddlenlp_ops` is missing.
+- "generate": PaddleNLP's `model.generate`; any causal LM, the slowest.
+
+All three return the same `RolloutOutput` layout, and under greedy decoding the same tokens.
+Randomness comes from Paddle's global generator (`paddle.seed`, `paddle.get_rng_state`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import paddle
+
+from ppo.models.infer_model_utils import (
+    KVCache,
+    UnsupportedModelError,
+    apply_repetition_penalty,
+    build_rope_tables,
+    check_decoder_support,
+    chosen_log_probs,
+    collect_decoder_weights,
+    decode_step,
+    prefill,
+    sampling_probs,
+)
+from ppo.models.ppo_model_utils import make_position_ids
+
+BACKENDS = ("auto", "fused", "decoder", "generate")
+
+
+@dataclass
+class RolloutOutput:
+    """Prompts and sampled responses, one row per (prompt, sample); the samples of a prompt are
+    contiguous rows (repeat_interleave order).
+
+    The response part is `T` columns wide, where T is the longest response in the batch (at most
+    `max_new_tokens`): columns after a row's EOS hold `pad_token_id`.
+    """
+
+    sequences: paddle.Tensor  # [B*n, P+T] int64: left-padded prompt, then response, pad after EOS
+    attention_mask: paddle.Tensor  # [B*n, P+T] bool: real prompt tokens + response up to AND incl. EOS
+    prompt_length: int  # P
+    # [B*n, T] float32 log softmax(logits / temperature) of each sampled token (0 after the
+    # response); only from the "decoder" backend and only when asked for.
+    log_probs: Optional[paddle.Tensor] = None
+
+    @property
+    def response_lengths(self) -> paddle.Tensor:  # [B*n] int64, EOS included
+        return self.attention_mask[:, self.prompt_length :].astype("int64").sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int
+    num_return_sequences: int = 1
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    return_log_probs: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+
+def paddlenlp_ops_available() -> bool:
+    return importlib.util.find_spec("paddlenlp_ops") is not None
+
+
+def is_pipeline_parallel(model) -> bool:
+    from paddle.distributed.fleet.meta_parallel import PipelineLayer
+
+    return isinstance(model, PipelineLayer) or getattr(model.config, "pipeline_parallel_degree", 1) > 1
+
+
+def check_prompts(input_ids: paddle.Tensor, attention_mask: paddle.Tensor) -> None:
+    """Prompts must be [B, P] int ids, left-padded, each with at least one real token."""
+    if len(input_ids.shape) != 2:
+        raise ValueError(f"input_ids must be [batch, prompt_length], got shape {list(input_ids.shape)}")
+    if list(attention_mask.shape) != list(input_ids.shape):
+        raise ValueError(
+            f"attention_mask shape {list(attention_mask.shape)} differs from input_ids shape {list(input_ids.shape)}"
+        )
+    if input_ids.dtype not in (paddle.int64, paddle.int32):
+        raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+    mask = attention_mask.astype("int64")
+    if int(mask.min()) < 0 or int(mask.max()) > 1:
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    if input_ids.shape[1] > 1 and bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("prompts must be LEFT-padded (padding first, then the prompt); got a row with "
+                         "padding after a real token — set tokenizer.padding_side = 'left'")
+    if bool((mask.sum(axis=-1) == 0).any()):
+        raise ValueError("every prompt needs at least one real token; got a row that is all padding")
+
+
+def build_output(
+    prompt_ids: paddle.Tensor,  # [N, P] int64
+    prompt_mask: paddle.Tensor,  # [N, P]
+    response_tokens: np.ndarray,  # [N, T] int64, pad after the response
+    response_lengths: np.ndarray,  # [N] EOS included
+    response_log_probs: Optional[np.ndarray] = None,  # [N, T]
+) -> RolloutOutput:
+    """Trim the response columns to the longest response and assemble the masks."""
+    width = int(response_lengths.max()) if len(response_lengths) else 0
+    tokens = response_tokens[:, :width]
+    response_mask = np.arange(width)[None, :] < response_lengths[:, None]
+    sequences = paddle.concat([prompt_ids.astype("int64"), paddle.to_tensor(tokens, dtype="int64")], axis=-1)
+    attention_mask = paddle.concat([prompt_mask.astype("bool"), paddle.to_tensor(response_mask)], axis=-1)
+    log_probs = None
+    if response_log_probs is not None:
+        log_probs = paddle.to_tensor(np.where(response_mask, response_log_probs[:, :width], 0.0).astype("float32"))
+    return RolloutOutput(sequences, attention_mask, int(prompt_ids.shape[1]), log_probs)
+
+
+def response_lengths_from_tokens(tokens: np.ndarray, eos_token_id: int) -> np.ndarray:  # [N, T] -> [N]
+    """Length up to and including the first EOS; the full width when a row never emits EOS."""
+    is_eos = tokens == eos_token_id
+    first_eos = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, tokens.shape[1])
+    return first_eos.astype("int64")
+
+
+class RolloutEngine:
+    """Sample responses from `model` with the fastest backend available.
+
+    backend: "auto" (fused if `use_fusemt` and `paddlenlp_ops` is importable and the model is not
+    pipeline parallel, else decoder if the architecture is supported, else generate), or force
+    one of "fused", "decoder", "generate".
+    """
+
+    def __init__(
+        self,
+        model,
+        eos_token_id: int,
+        pad_token_id: int,
+        use_fusemt: bool = True,
+        backend: str = "auto",
+        compact_finished_rows: bool = True,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown rollout backend {backend!r}; choose one of {BACKENDS}")
+        if eos_token_id is None or pad_token_id is None:
+            raise ValueError(f"eos_token_id and pad_token_id must be set, got {eos_token_id} and {pad_token_id}")
+        self.model = model
+        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self.use_fusemt = use_fusemt
+        self.compact_finished_rows = compact_finished_rows
+        self.backend = self._resolve_backend(backend)
+        self._fused = None
+
+    def _resolve_backend(self, requested: str) -> str:
+        if requested == "fused" or (requested == "auto" and self.use_fusemt):
+            if paddlenlp_ops_available() and not is_pipeline_parallel(self.model):
+                return "fused"
+            if requested == "fused":
+                raise RuntimeError(
+                    "backend='fused' needs the `paddlenlp_ops` package (GPU builds only) and a model that "
+                    "is not pipeline parallel; use backend='decoder' or 'generate'"
+                )
+        if requested == "decoder":
+            check_decoder_support(self.model)  # raises with the reason
+            return "decoder"
+        if requested == "generate":
+            return "generate"
+        try:
+            check_decoder_support(self.model)
+            return "decoder"
+        except UnsupportedModelError:
+            return "generate"
+
+    @paddle.no_grad()
+    def generate(
+        self,
+        input_ids: paddle.Tensor,  # [B, P] left-padded
+        attention_mask: paddle.Tensor,  # [B, P] 0/1
+        *,
+        max_new_tokens: int,
+        num_return_sequences: int = 1,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        return_log_probs: bool = False,
+    ) -> RolloutOutput:
+        settings = GenerationSettings(
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_return_sequences,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            return_log_probs=return_log_probs,
+        )
+        check_prompts(input_ids, attention_mask)
+        if return_log_probs and self.backend != "decoder":
+            raise ValueError(f"return_log_probs is only available from the 'decoder' backend, not {self.backend!r}")
+        input_ids = input_ids.astype("int64")
+        attention_mask = attention_mask.astype("int64")
+        if self.backend == "decoder":
+            return DecoderRollout(self.model, self.eos_token_id, self.pad_token_id, self.compact_finished_rows).run(
+                input_ids, attention_mask, settings
+            )
+        if self.backend == "generate":
+            return generate_with_paddlenlp(self.model, self.eos_token_id, self.pad_token_id, input_ids, attention_mask, settings)
+        if self._fused is None:
+            self._fused = FusedRollout(self.model, self.eos_token_id, self.pad_token_id)
+        return self._fused.run(input_ids, attention_mask, settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: our decoder
+
+
+@dataclass
+class _Segment:
+    """Tokens sampled for a fixed set of rows over consecutive steps (a new segment starts each
+    time finished rows are dropped from the batch)."""
+
+    rows: np.ndarray  # [Na] output row of each active row
+    first_step: int
+    tokens: List[paddle.Tensor] = field(default_factory=list)  # per step [Na]
+    log_probs: List[paddle.Tensor] = field(default_factory=list)  # per step [Na]
+
+
+class DecoderRollout:
+    """The generation loop over `prefill` / `decode_step`.
+
+    Rows are decoded in lockstep (one shared cache slot per step). A finished row keeps emitting
+    pad until it is dropped: when at least a quarter of the rows still in the batch are finished,
+    they are removed from the cache (a gather) so later steps do less work. The loop ends when
+    every row has emitted EOS or after `max_new_tokens` steps.
+    """
+
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, compact_finished_rows: bool = True):
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.compact_finished_rows = compact_finished_rows
+
+    def run(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor, settings: GenerationSettings) -> RolloutOutput:
+        batch, prompt_len = input_ids.shape
+        copies = settings.num_return_sequences
+        total_rows = batch * copies
+        steps = settings.max_new_tokens
+
+        weights = collect_decoder_weights(self.model)
+        rope = build_rope_tables(weights)
+        position_ids = make_position_ids(attention_mask)
+        longest_prompt = int(attention_mask.sum(axis=-1).max())
+        if longest_prompt + steps > weights.max_positions:
+            raise ValueError(
+                f"a prompt of {longest_prompt} tokens plus max_new_tokens={steps} exceeds the model's "
+                f"max_position_embeddings={weights.max_positions}"
+            )
+
+        # The prompts are encoded once; their samples share the encoded cache rows.
+        logits, cache = prefill(weights, rope, input_ids, attention_mask, position_ids, capacity=prompt_len + steps)
+        prompt_ids, prompt_mask = input_ids, attention_mask
+        positions = position_ids[:, -1] + 1  # [B]
+        if copies > 1:
+            rows = paddle.arange(batch, dtype="int64").repeat_interleave(copies)
+            logits, cache = paddle.index_select(logits, rows), cache.select_rows(rows)
+            prompt_ids, prompt_mask = paddle.index_select(input_ids, rows), paddle.index_select(attention_mask, rows)
+            positions = paddle.index_select(positions, rows)
+
+        penalise = settings.repetition_penalty != 1.0
+        seen = self._prompt_vocabulary(prompt_ids, prompt_mask, logits.shape[-1]) if penalise else None
+        finished = paddle.zeros([total_rows], dtype="bool")
+        pad = paddle.full([], self.pad_token_id, dtype="int64")
+        segment = _Segment(rows=np.arange(total_rows), first_step=0)
+        segments = [segment]
+
+        for step in range(steps):
+            raw_logits = logits
+            if penalise:
+                logits = apply_repetition_penalty(logits, seen > 0, settings.repetition_penalty)
+            if settings.do_sample:
+                tokens = paddle.multinomial(sampling_probs(logits, settings.temperature, settings.top_p)).squeeze(-1)
+            else:
+                tokens = paddle.argmax(logits, axis=-1)
+            tokens = paddle.where(finished, pad, tokens)
+            segment.tokens.append(tokens)
+            if settings.return_log_probs:
+                segment.log_probs.append(chosen_log_probs(raw_logits, tokens, settings.temperature))
+            finished = finished | (tokens == self.eos_token_id)
+            if step == steps - 1:
+                break
+            active = finished.shape[0]
+            done = int(finished.astype("int32").sum())
+            if done == active:
+                break
+            if self.compact_finished_rows and done > 0 and 4 * done >= active:
+                keep = paddle.nonzero(~finished).squeeze(-1)
+                cache = cache.select_rows(keep)
+                tokens, positions, finished = (paddle.index_select(t, keep) for t in (tokens, positions, finished))
+                if penalise:
+                    seen = paddle.index_select(seen, keep)
+                segment = _Segment(rows=segment.rows[keep.numpy()], first_step=step + 1)
+                segments.append(segment)
+            if penalise:
+                seen = paddle.put_along_axis(seen, tokens.unsqueeze(-1), paddle.ones_like(tokens, "float32").unsqueeze(-1), axis=-1)
+            logits = decode_step(weights, rope, cache, tokens, positions, slot=prompt_len + step)
+            positions = positions + 1
+
+        response = np.full([total_rows, steps], self.pad_token_id, dtype="int64")
+        log_probs = np.zeros([total_rows, steps], dtype="float32") if settings.return_log_probs else None
+        for seg in segments:
+            if not seg.tokens:
+                continue
+            end = seg.first_step + len(seg.tokens)
+            response[seg.rows, seg.first_step : end] = paddle.stack(seg.tokens, axis=1).numpy()
+            if log_probs is not None:
+                log_probs[seg.rows, seg.first_step : end] = paddle.stack(seg.log_probs, axis=1).numpy()
+        lengths = response_lengths_from_tokens(response, self.eos_token_id)
+        return build_output(prompt_ids, prompt_mask, response, lengths, log_probs)
+
+    @staticmethod
+    def _prompt_vocabulary(prompt_ids, prompt_mask, vocab_size: int) -> paddle.Tensor:  # [N, V] float 0/1
+        """Which tokens each prompt contains (padding excluded: it is not text the model saw).
+        Float, not bool: Paddle's put_along_axis has no bool kernel."""
+        counts = paddle.put_along_axis(
+            paddle.zeros([prompt_ids.shape[0], vocab_size], dtype="float32"),
+            prompt_ids,
+            prompt_mask.astype("float32"),
+            axis=-1,
+            reduce="add",
+        )
+        return (counts > 0).astype("float32")
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: PaddleNLP generate
+
+
+def generate_with_paddlenlp(model, eos_token_id: int, pad_token_id: int, input_ids, attention_mask, settings: GenerationSettings) -> RolloutOutput:
+    """PaddleNLP's `model.generate` with the KV cache, on left-padded prompts.
+
+    Its repetition penalty counts every id in `input_ids`, padding included (the decoder backend
+    counts real tokens only).
+    """
+    copies = settings.num_return_sequences
+    if copies > 1:
+        rows = paddle.arange(input_ids.shape[0], dtype="int64").repeat_interleave(copies)
+        input_ids, attention_mask = paddle.index_select(input_ids, rows), paddle.index_select(attention_mask, rows)
+    tokens, _ = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=make_position_ids(attention_mask),
+        max_new_tokens=settings.max_new_tokens,
+        decode_strategy="sampling" if settings.do_sample else "greedy_search",
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=0,
+        repetition_penalty=settings.repetition_penalty,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+        trunc_input=True,
+    )
+    tokens = tokens.numpy().astype("int64")
+    lengths = response_lengths_from_tokens(tokens, eos_token_id)
+    # generate() already writes pad after EOS; re-pad to be independent of that detail.
+    tokens = np.where(np.arange(tokens.shape[1])[None, :] < lengths[:, None], tokens, pad_token_id)
+    return build_output(input_ids, attention_mask, tokens, lengths)
