@@ -22,6 +22,7 @@ from ppo.models.normalizer import (
     build_normalizer,
     check_normalizer_type,
 )
+from ppo.models.parallel_utils import score_model_tensor_parallel_mappings
 from ppo.models.ppo_model_utils import make_position_ids
 
 # score_type -> how the normaliser transforms scores (see normalizer.NORMALIZATION_MODES).
@@ -169,6 +170,12 @@ class ScoreModelMixin:
         if self.normalizer is not None:
             for key, value in self.normalizer.state_dict().items():
                 setattr(self.config, key, value)
+
+    # ---------------------------------------------------------- tensor parallel
+    @classmethod
+    def _get_tensor_parallel_mappings(cls, config, is_split=True):
+        """The backbone's TP split/merge actions without its LM head; score_head is replicated."""
+        return score_model_tensor_parallel_mappings(super()._get_tensor_parallel_mappings(config, is_split=is_split))
 
     # ---------------------------------------------------------- save / load
     def save_pretrained(self, *args, **kwargs):
