@@ -89,7 +89,8 @@ def _json_to_flags(config: Dict[str, Any]) -> Tuple[List[str], Dict[str, Any]]:
             flags += [f"--{key}", json.dumps(value)]
             direct[key] = value
         elif isinstance(value, list):
-            flags += [f"--{key}", *(json.dumps(item) if isinstance(item, (dict, list)) else str(item) for item in value)]
+            items = (json.dumps(item) if isinstance(item, (dict, list)) else str(item) for item in value)
+            flags += [f"--{key}", *items]
         else:
             flags += [f"--{key}", str(value)]
     return flags, direct

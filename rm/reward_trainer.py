@@ -68,7 +68,8 @@ class RewardArguments(TrainingArguments):
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.do_train and not self.train_datasets:
             raise ValueError("do_train is set but train_datasets is empty: name the preference datasets to train on")
-        if not self.eval_datasets and (self.do_eval or str(self.evaluation_strategy) not in ("no", "IntervalStrategy.NO")):
+        evaluates = self.do_eval or str(self.evaluation_strategy) not in ("no", "IntervalStrategy.NO")
+        if not self.eval_datasets and evaluates:
             # Evaluation is optional: without eval data there is nothing to evaluate on.
             logger.warning(
                 f"no eval_datasets given: evaluation is off (do_eval={self.do_eval} and "

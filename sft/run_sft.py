@@ -56,7 +56,8 @@ class SftArguments(TrainingArguments):
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.do_train and not self.train_datasets:
             raise ValueError("do_train is set but train_datasets is empty: name the supervised datasets to train on")
-        if not self.eval_datasets and (self.do_eval or str(self.evaluation_strategy) not in ("no", "IntervalStrategy.NO")):
+        evaluates = self.do_eval or str(self.evaluation_strategy) not in ("no", "IntervalStrategy.NO")
+        if not self.eval_datasets and evaluates:
             logger.warning(
                 f"no eval_datasets given: evaluation is off (do_eval={self.do_eval} and "
                 f"evaluation_strategy={self.evaluation_strategy} are ignored)"

@@ -47,12 +47,17 @@ WORSE_MASK = [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
 EXPECTED_SLICES = [(3, 4), (3, 3), (2, 4)]  # inclusive [first divergence, last real of longer]
 
 
+def pair_tensors():
+    """(better ids, worse ids, better mask, worse mask) of the three pairs above."""
+    return tuple(t(values, "int64") for values in (BETTER_IDS, WORSE_IDS, BETTER_MASK, WORSE_MASK))
+
+
 def _scores(seed):
     return np.random.default_rng(seed).normal(size=(3, 6)).astype(np.float32)
 
 
 def test_divergence_slice_boundaries():
-    mask = divergence_slice_mask(t(BETTER_IDS, "int64"), t(WORSE_IDS, "int64"), t(BETTER_MASK, "int64"), t(WORSE_MASK, "int64"))
+    mask = divergence_slice_mask(*pair_tensors())
     expected = np.zeros((3, 6), dtype=bool)
     for row, (start, end) in enumerate(EXPECTED_SLICES):
         expected[row, start : end + 1] = True
@@ -66,18 +71,14 @@ def test_token_wise_loss_hand_computed():
         b, w = better[row, start : end + 1].astype(np.float64), worse[row, start : end + 1].astype(np.float64)
         bt = -np.mean([log_sigmoid(x) for x in b - w])
         per_pair.append(bt + reg * (np.mean(b**2) + np.mean(w**2)))
-    loss = token_wise_loss(
-        t(better), t(worse), t(BETTER_IDS, "int64"), t(WORSE_IDS, "int64"), t(BETTER_MASK, "int64"), t(WORSE_MASK, "int64"), reg
-    )
+    loss = token_wise_loss(t(better), t(worse), *pair_tensors(), reg)
     assert float(loss) == pytest.approx(np.mean(per_pair), rel=1e-5)
 
 
 def test_token_wise_gradient_only_reaches_the_slice():
     better = paddle.to_tensor(_scores(2), stop_gradient=False)
     worse = paddle.to_tensor(_scores(3), stop_gradient=False)
-    loss = token_wise_loss(
-        better, worse, t(BETTER_IDS, "int64"), t(WORSE_IDS, "int64"), t(BETTER_MASK, "int64"), t(WORSE_MASK, "int64"), 0.01
-    )
+    loss = token_wise_loss(better, worse, *pair_tensors(), 0.01)
     loss.backward()
     touched = (better.grad.numpy() != 0) | (worse.grad.numpy() != 0)
     for row, (start, end) in enumerate(EXPECTED_SLICES):
@@ -108,7 +109,7 @@ def test_identical_pair_is_skipped_with_warning_and_never_nan():
 
 def test_token_wise_accepts_trailing_score_dim():
     better, worse = _scores(7), _scores(8)
-    args = (t(BETTER_IDS, "int64"), t(WORSE_IDS, "int64"), t(BETTER_MASK, "int64"), t(WORSE_MASK, "int64"), 0.0)
+    args = (*pair_tensors(), 0.0)
     flat = token_wise_loss(t(better), t(worse), *args)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -128,12 +129,10 @@ def test_loss_registry():
         better_attention_mask=t(BETTER_MASK, "int64"),
         worse_attention_mask=t(WORSE_MASK, "int64"),
     )
+    direct = token_wise_loss(scores.better_scores, scores.worse_scores, *pair_tensors(), 0.0)
     assert float(get_reward_loss("sequence-wise")(scores, 0.0)) == pytest.approx(
         -np.mean([log_sigmoid(1.0), log_sigmoid(2.0), log_sigmoid(-1.0)]), rel=1e-6
     )
-    assert float(get_reward_loss("token-wise")(scores, 0.0)) == pytest.approx(
-        float(token_wise_loss(*(getattr(scores, f) for f in ("better_scores", "worse_scores", "better_input_ids", "worse_input_ids", "better_attention_mask", "worse_attention_mask")), 0.0)),
-        rel=1e-6,
-    )
+    assert float(get_reward_loss("token-wise")(scores, 0.0)) == pytest.approx(float(direct), rel=1e-6)
     with pytest.raises(ValueError, match=r"'sequence-wise', 'token-wise'"):
         get_reward_loss("pairwise")
