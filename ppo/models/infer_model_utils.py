@@ -41,12 +41,16 @@ SUPPORTED_ARCHITECTURES = {
 
 @dataclass
 class DecoderLayerWeights:
-    """One transformer block. Tensors are the model's own parameters, or (for `qkv` and
+    """One transformer block. Tensors are the model's own parameters, or (for `query_key` and
     `gate_up`) a concatenation of them made at the start of a `generate` call."""
 
     input_norm: paddle.Tensor  # [hidden]
-    qkv: paddle.Tensor  # [hidden, (H + 2*Hkv) * D]: q heads, then k heads, then v heads
-    qkv_bias: Optional[paddle.Tensor]  # [(H + 2*Hkv) * D] (Qwen2) or None (Llama)
+    # q and k share one matmul (RoPE then rotates both in one pass); v gets its own so that no
+    # output needs slicing (strided views cost a copy in the next op).
+    query_key: paddle.Tensor  # [hidden, (H + Hkv) * D]: q heads, then k heads
+    query_key_bias: Optional[paddle.Tensor]  # [(H + Hkv) * D] (Qwen2) or None (Llama)
+    value: paddle.Tensor  # [hidden, Hkv * D]
+    value_bias: Optional[paddle.Tensor]  # [Hkv * D] or None
     o_proj: paddle.Tensor  # [H * D, hidden]
     post_norm: paddle.Tensor  # [hidden]
     gate_up: paddle.Tensor  # [hidden, 2 * intermediate]: gate columns, then up columns
@@ -121,26 +125,23 @@ def pack_qkv_for_fused_inference(
     return paddle.concat([q_weight, k_weight, v_weight], axis=-1).transpose([1, 0])
 
 
-def _attention_qkv(attention, config) -> Tuple[paddle.Tensor, Optional[paddle.Tensor]]:
-    head_dim = config.hidden_size // config.num_attention_heads
+def _attention_projections(attention, config):
+    """(query_key weight, query_key bias, value weight, value bias) of one attention layer."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = config.hidden_size // heads
     if getattr(attention, "fuse_attention_qkv", False):
-        q, k, v = split_interleaved_qkv(
-            attention.qkv_proj.weight, config.num_attention_heads, config.num_key_value_heads, head_dim
-        )
-        bias = attention.qkv_proj.bias
-        if bias is not None:
-            qb, kb, vb = split_interleaved_qkv(
-                bias.unsqueeze(0), config.num_attention_heads, config.num_key_value_heads, head_dim
-            )
-            bias = paddle.concat([qb, kb, vb], axis=-1).squeeze(0)
-        return paddle.concat([q, k, v], axis=-1), bias
-    weight = paddle.concat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight], axis=-1)
-    biases = [attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias]
-    if all(b is None for b in biases):
-        return weight, None
-    if any(b is None for b in biases):
+        q, k, v = split_interleaved_qkv(attention.qkv_proj.weight, heads, kv_heads, head_dim)
+        biases = [None, None, None]
+        if attention.qkv_proj.bias is not None:
+            biases = [b.squeeze(0) for b in split_interleaved_qkv(attention.qkv_proj.bias.unsqueeze(0), heads, kv_heads, head_dim)]
+    else:
+        q, k, v = attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight
+        biases = [attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
         raise UnsupportedModelError("q/k/v projections with a bias on some but not all of them")
-    return weight, paddle.concat(biases, axis=-1)
+    query_key = paddle.concat([q, k], axis=-1)
+    query_key_bias = None if biases[0] is None else paddle.concat(biases[:2], axis=-1)
+    return query_key, query_key_bias, v, biases[2]
 
 
 def _mlp_gate_up(mlp) -> paddle.Tensor:
@@ -195,12 +196,14 @@ def collect_decoder_weights(model) -> DecoderWeights:
     layers = []
     for layer in base.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        qkv, qkv_bias = _attention_qkv(attention, config)
+        query_key, query_key_bias, value, value_bias = _attention_projections(attention, config)
         layers.append(
             DecoderLayerWeights(
                 input_norm=layer.input_layernorm.weight,
-                qkv=qkv,
-                qkv_bias=qkv_bias,
+                query_key=query_key,
+                query_key_bias=query_key_bias,
+                value=value,
+                value_bias=value_bias,
                 o_proj=attention.o_proj.weight,
                 post_norm=layer.post_attention_layernorm.weight,
                 gate_up=_mlp_gate_up(mlp),
@@ -324,15 +327,21 @@ def _decoder_layer(
 ) -> paddle.Tensor:  # [N, hidden]
     heads, kv_heads, head_dim = weights.num_heads, weights.num_kv_heads, weights.head_dim
     normed = rms_norm(hidden, layer.input_norm, weights.rms_norm_eps)
-    qkv = F.linear(normed, layer.qkv, layer.qkv_bias)
-    rotated = apply_rope(qkv[:, : (heads + kv_heads) * head_dim], cos, sin_signed, head_dim)
-    query = _scale_query(rotated[:, : heads * head_dim], weights)
-    key = rotated[:, heads * head_dim :]
-    value = qkv[:, (heads + kv_heads) * head_dim :]
-    attended = attend(query, key, value)  # [N, H*D]
+    # matmul (+ add) rather than F.linear: F.linear reads a global flag through Python on every call.
+    query_key = paddle.matmul(normed, layer.query_key)
+    value = paddle.matmul(normed, layer.value)
+    if layer.query_key_bias is not None:
+        query_key = query_key + layer.query_key_bias
+        value = value + layer.value_bias
+    query, key = paddle.split(apply_rope(query_key, cos, sin_signed, head_dim), [heads * head_dim, kv_heads * head_dim], axis=-1)
+    attended = attend(_scale_query(query, weights), key, value)  # [N, H*D]
     hidden = hidden + paddle.matmul(attended, layer.o_proj)
     normed = rms_norm(hidden, layer.post_norm, weights.rms_norm_eps)
     return hidden + paddle.matmul(F.swiglu(paddle.matmul(normed, layer.gate_up)), layer.down_proj)
+
+
+def _as_float32(tensor: paddle.Tensor) -> paddle.Tensor:
+    return tensor if tensor.dtype == paddle.float32 else tensor.astype("float32")
 
 
 def _lm_logits(hidden: paddle.Tensor, weights: DecoderWeights) -> paddle.Tensor:  # [N, hidden] -> [N, V]
@@ -389,7 +398,7 @@ def prefill(
     for layer in weights.layers:
         hidden = _decoder_layer(hidden, layer, weights, rope, cos, sin_signed, attend)
     last_hidden = hidden.reshape([batch, prompt_len, -1])[:, -1]
-    logits = _lm_logits(last_hidden, weights).astype("float32")
+    logits = _as_float32(_lm_logits(last_hidden, weights))
 
     # Decode-time bias: real prompt slots visible, pad and not-yet-written slots masked.
     slot_bias = paddle.full([batch, capacity], masked, dtype)
@@ -427,13 +436,15 @@ def decode_step(
         scores = scores + cache.attention_bias
         if scores.dtype != paddle.float32:
             scores = scores.astype("float32")
-        probs = F.softmax(scores, axis=-1).astype(value_cache.dtype)
+        probs = F.softmax(scores, axis=-1)
+        if probs.dtype != value_cache.dtype:
+            probs = probs.astype(value_cache.dtype)
         return paddle.matmul(probs, value_cache).reshape([batch, heads * head_dim])
 
     hidden = paddle.gather(weights.embed_tokens, token_ids)
     for layer in weights.layers:
         hidden = _decoder_layer(hidden, layer, weights, rope, cos, sin_signed, attend)
-    return _lm_logits(hidden, weights).astype("float32")
+    return _as_float32(_lm_logits(hidden, weights))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Shared by the benchmarks: process set-up, timing with medians, peak RSS, and how busy the rest
+of the (shared) machine was while we measured."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Reference numbers of the TRL peer (torch 2.13 CPU, transformers, TRL 1.12; same shapes, 1 thread),
+# from ../shared/peer/trl/README.md. compare_trl.sh re-measures them side by side.
+PEER_HF_GENERATE_TOKENS_PER_SECOND = 1913.0
+PEER_TRL_PPO_STEP_SECONDS = 1.11
+PEER_TRL_PPO_PEAK_RSS_MIB = 823.0
+
+
+def setup_process(threads: int = 1, mkl_avx2: bool = False) -> dict:
+    """Environment every benchmark sets BEFORE importing paddle.
+
+    OMP_WAIT_POLICY=PASSIVE: spin-waiting OpenMP threads wreck timings on a shared 2-core box.
+    MKL_DEBUG_CPU_TYPE=5 (opt-in): Paddle's bundled MKL picks a slow generic GEMM path on AMD
+    CPUs; this makes it use its AVX2 kernels (no effect on Intel).
+    """
+    if "paddle" in sys.modules:
+        raise RuntimeError("setup_process must run before paddle is imported")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if mkl_avx2:
+        os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    return {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_DEBUG_CPU_TYPE")}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _machine_busy_seconds() -> float:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class Window:
+    """Wall time, our CPU time, and the CPU other processes used (in cores) over a block."""
+
+    def __enter__(self):
+        self._wall, self._cpu, self._busy = time.perf_counter(), time.process_time(), _machine_busy_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self._wall
+        self.own_cpu = time.process_time() - self._cpu
+        foreign = max(0.0, _machine_busy_seconds() - self._busy - self.own_cpu)
+        self.foreign_cores = foreign / self.wall if self.wall > 0 else 0.0
+        return False
+
+
+def time_repeats(fn, repeats: int, warmup: int) -> dict:
+    """Median/min/max wall seconds of `fn` over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    with Window() as window:
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+    return {
+        "s_median": statistics.median(walls),
+        "s_min": min(walls),
+        "s_max": max(walls),
+        "own_cpu_s_median": statistics.median(cpus),
+        "foreign_cores_avg": round(window.foreign_cores, 2),
+    }
