@@ -169,24 +169,30 @@ class RolloutEngine:
         self._fused = None
 
     def _resolve_backend(self, requested: str) -> str:
-        if requested == "fused" or (requested == "auto" and self.use_fusemt):
-            if paddlenlp_ops_available() and not is_pipeline_parallel(self.model):
-                return "fused"
-            if requested == "fused":
-                raise RuntimeError(
-                    "backend='fused' needs the `paddlenlp_ops` package (GPU builds only) and a model that "
-                    "is not pipeline parallel; use backend='decoder' or 'generate'"
-                )
-        if requested == "decoder":
-            check_decoder_support(self.model)  # raises with the reason
-            return "decoder"
-        if requested == "generate":
-            return "generate"
+        decoder_problem = None
         try:
             check_decoder_support(self.model)
+        except UnsupportedModelError as error:
+            decoder_problem = error
+        if requested == "fused" or (requested == "auto" and self.use_fusemt):
+            fused_problem = None
+            if not paddlenlp_ops_available():
+                fused_problem = "the `paddlenlp_ops` package (GPU builds only) is not installed"
+            elif is_pipeline_parallel(self.model):
+                fused_problem = "the model is pipeline parallel (build a non-pipeline model for rollout, see eval_mode)"
+            elif decoder_problem is not None:
+                fused_problem = str(decoder_problem)
+            if fused_problem is None:
+                return "fused"
+            if requested == "fused":
+                raise RuntimeError(f"backend='fused' is unavailable: {fused_problem}; use backend='decoder' or 'generate'")
+        if requested == "decoder":
+            if decoder_problem is not None:
+                raise decoder_problem
             return "decoder"
-        except UnsupportedModelError:
+        if requested == "generate" or decoder_problem is not None:
             return "generate"
+        return "decoder"
 
     @paddle.no_grad()
     def generate(
@@ -382,3 +388,138 @@ def generate_with_paddlenlp(model, eos_token_id: int, pad_token_id: int, input_i
     # generate() already writes pad after EOS; re-pad to be independent of that detail.
     tokens = np.where(np.arange(tokens.shape[1])[None, :] < lengths[:, None], tokens, pad_token_id)
     return build_output(input_ids, attention_mask, tokens, lengths)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: PaddleNLP fused inference model (GPU, `paddlenlp_ops`)
+
+
+class FusedRollout:
+    """Rollout with PaddleNLP's fused inference transformer (`<Arch>ForCausalLMInferenceModel`).
+
+    The inference model owns its own (fused-layout) weight buffers. Before every rollout they are
+    overwritten in place from the training model's parameters: q/k/v packed GQA-aware by
+    `pack_qkv_for_fused_inference`, gate|up concatenated, norms/embeddings/LM head copied. Prompts
+    go in as token ids (left padding moved to the right with tensor ops), never as text.
+
+    NOT VERIFIED in this repository's CI: `paddlenlp_ops` only builds for GPUs and the CPU
+    wheel of Paddle cannot even import `paddlenlp.experimental.transformers`. The pure pieces it
+    relies on (qkv split/pack, re-padding) are unit-tested on CPU.
+    """
+
+    def __init__(self, model, eos_token_id: int, pad_token_id: int):
+        import copy
+
+        import paddlenlp_ops  # noqa: F401  GPU kernels of the fused model
+        from paddlenlp.experimental import transformers as inference_models
+        from paddlenlp.transformers.model_utils import dtype_guard
+
+        name = type(model).__name__ + "InferenceModel"
+        inference_class = getattr(inference_models, name, None)
+        if inference_class is None:
+            raise UnsupportedModelError(f"PaddleNLP has no fused inference model {name}; use backend='decoder' or 'generate'")
+        config = copy.deepcopy(model.config)
+        config.quant_type = ""
+        config.cachekv_int8_type = None
+        self.dtype = str(model.get_input_embeddings().weight.dtype).replace("paddle.", "")
+        with dtype_guard(self.dtype):
+            self.inference_model = inference_class(config)
+        self.inference_model.eval()
+        self.model, self.eos_token_id, self.pad_token_id = model, eos_token_id, pad_token_id
+
+    @paddle.no_grad()
+    def sync_weights(self) -> None:
+        """Copy the training weights into the inference model's buffers, in place, on device."""
+        from ppo.models.infer_model_utils import collect_decoder_weights, pack_qkv_for_fused_inference
+
+        weights = collect_decoder_weights(self.model)
+        base = getattr(self.inference_model, weights.architecture)
+        block = base.transformer_block
+
+        def copy_into(target, source):
+            paddle.assign(source.astype(target.dtype), output=target)
+
+        copy_into(base.embed_tokens.weight, weights.embed_tokens)
+        copy_into(base.norm.weight, weights.final_norm)
+        copy_into(self.inference_model.lm_head.weight, weights.lm_head)
+        query_width = weights.num_heads * weights.head_dim
+        for index, layer in enumerate(weights.layers):
+            query, key = paddle.split(layer.query_key, [query_width, layer.query_key.shape[-1] - query_width], axis=-1)
+            copy_into(block.ln_scales[index], layer.input_norm)
+            copy_into(block.qkv_weights[index], pack_qkv_for_fused_inference(query, key, layer.value))
+            if layer.query_key_bias is not None:
+                copy_into(block.qkv_biases[index], paddle.concat([layer.query_key_bias, layer.value_bias]))
+            copy_into(block.linear_weights[index], layer.o_proj)
+            copy_into(block.ffn_ln_scales[index], layer.post_norm)
+            copy_into(block.ffn1_weights[index], layer.gate_up)
+            copy_into(block.ffn2_weights[index], layer.down_proj)
+
+    @paddle.no_grad()
+    def run(self, input_ids, attention_mask, settings: GenerationSettings) -> RolloutOutput:
+        self.sync_weights()
+        copies = settings.num_return_sequences
+        prompt_ids, prompt_mask = input_ids, attention_mask
+        if copies > 1:
+            rows = paddle.arange(input_ids.shape[0], dtype="int64").repeat_interleave(copies)
+            prompt_ids, prompt_mask = paddle.index_select(input_ids, rows), paddle.index_select(attention_mask, rows)
+        inputs = self._fused_inputs(prompt_ids, prompt_mask, settings)
+
+        # The fused loop only returns the last token; the logits processor sees every earlier one.
+        seen = {}
+
+        def record(all_input_ids, logits, decoding_step=None):
+            seen["ids"] = all_input_ids
+            return logits
+
+        from paddlenlp.generation import LogitsProcessorList
+
+        last_tokens = self.inference_model.generate(**inputs, logits_processors=LogitsProcessorList([record]))[0]
+        width = inputs["input_ids"].shape[1]
+        tokens = paddle.concat([seen["ids"][:, width:], last_tokens.astype("int64")], axis=-1).numpy()
+        tokens = tokens[:, : settings.max_new_tokens]
+        lengths = response_lengths_from_tokens(tokens, self.eos_token_id)
+        tokens = np.where(np.arange(tokens.shape[1])[None, :] < lengths[:, None], tokens, self.pad_token_id)
+        return build_output(prompt_ids, prompt_mask, tokens, lengths)
+
+    def _fused_inputs(self, input_ids, attention_mask, settings: GenerationSettings) -> dict:
+        """The tensors PaddleNLP's `GenerationInferenceModel.generate` reads (its predictor builds
+        the same from text; here from ids)."""
+        from ppo.models.infer_model_utils import left_to_right_padding
+
+        right_ids, lengths = left_to_right_padding(input_ids, attention_mask, self.pad_token_id)
+        batch, width = right_ids.shape
+        total = width + settings.max_new_tokens
+        config = self.model.config
+        column = paddle.arange(total, dtype="int64").unsqueeze(0)
+        visible = column < lengths.unsqueeze(-1)  # [B, total]
+        causal = paddle.tril(paddle.ones([total, total], dtype="bool"))
+        encoder_mask = (causal.unsqueeze(0) & visible.unsqueeze(1) & visible.unsqueeze(2)).astype(self.dtype).unsqueeze(1)
+
+        def per_row(value, dtype):
+            return paddle.full([batch, 1], value, dtype=dtype)
+
+        top_p = settings.top_p if settings.do_sample else 1e-6  # nucleus of one token = greedy
+        return {
+            "input_ids": right_ids,
+            "position_ids": paddle.where(visible, column.expand([batch, total]), paddle.zeros([batch, total], "int64")),
+            "attention_mask": encoder_mask,  # [B, 1, total, total], 1 = visible
+            "tgt_generation_mask": paddle.ones([batch, 1, 1, total], dtype=self.dtype),
+            "pre_ids": paddle.full([batch, total], -1, dtype="int64"),
+            "cache_kvs": [paddle.zeros(shape, dtype=self.dtype) for shape in
+                          self.inference_model.get_cache_kvs_shape(config, batch, total)],
+            "eos_token_id": per_row(self.eos_token_id, "int64"),
+            "top_p": per_row(top_p, "float32"),
+            "temperature": per_row(settings.temperature, "float32"),
+            "penalty_score": per_row(settings.repetition_penalty, "float32"),
+            "frequency_score": per_row(0.0, "float32"),
+            "presence_score": per_row(0.0, "float32"),
+            "seq_len_encoder": lengths.astype("int32").unsqueeze(-1),
+            "seq_len_decoder": lengths.astype("int32").unsqueeze(-1),
+            "step_idx": per_row(0, "int64"),
+            "tgt_ids": paddle.take_along_axis(right_ids, (lengths - 1).unsqueeze(-1), axis=1),
+            "tgt_pos": (lengths - 1).unsqueeze(-1),
+            "min_length": per_row(1, "int64"),
+            "max_length": paddle.full([1, 1], settings.max_new_tokens, dtype="int64"),
+            "stop_flags": per_row(False, "bool"),
+            "stop_nums": paddle.full([1], batch, dtype="int64"),
+        }

@@ -12,6 +12,7 @@ from ppo.models.infer_model_utils import (
     UnsupportedModelError,
     apply_repetition_penalty,
     collect_decoder_weights,
+    left_to_right_padding,
     pack_qkv_for_fused_inference,
     split_interleaved_qkv,
     top_p_filter,
@@ -378,6 +379,14 @@ def test_pack_qkv_for_fused_inference_layout():
     np.testing.assert_allclose(projected[:, (heads + kv_heads) * head_dim :].numpy(), (x @ v).numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="same shape"):
         pack_qkv_for_fused_inference(q, k, paddle.zeros([hidden, 2 * head_dim]))
+
+
+def test_left_to_right_padding_keeps_tokens():
+    ids = paddle.to_tensor([[9, 9, 5, 6], [7, 8, 1, 2], [9, 9, 9, 4]])
+    mask = paddle.to_tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    right, lengths = left_to_right_padding(ids, mask, pad_token_id=0)
+    assert right.numpy().tolist() == [[5, 6, 0, 0], [7, 8, 1, 2], [4, 0, 0, 0]]
+    assert lengths.numpy().tolist() == [2, 4, 1]
 
 
 def test_backend_selection_and_argument_errors():

@@ -500,3 +500,23 @@ def chosen_log_probs(
     # probability underflows float32, which a sampled token cannot do.
     probs = F.softmax(logits, axis=-1)
     return paddle.log(paddle.index_sample(probs, tokens.unsqueeze(-1)).squeeze(-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs of PaddleNLP's fused inference models
+
+
+def left_to_right_padding(
+    input_ids: paddle.Tensor,  # [B, P] left-padded
+    attention_mask: paddle.Tensor,  # [B, P] 1 = real token
+    pad_token_id: int,
+) -> Tuple[paddle.Tensor, paddle.Tensor]:  # [B, P] right-padded ids, [B] int64 prompt lengths
+    """Move each row's real tokens to the front, as PaddleNLP's fused inference models expect,
+    without leaving token space (no decode / re-encode round trip that could change tokens)."""
+    width = input_ids.shape[1]
+    lengths = attention_mask.astype("int64").sum(axis=-1)  # [B]
+    columns = paddle.arange(width, dtype="int64").unsqueeze(0)  # [1, P]
+    source = columns + (width - lengths).unsqueeze(-1)  # row b reads its column j from j + pad_b
+    is_real = columns < lengths.unsqueeze(-1)
+    gathered = paddle.take_along_axis(input_ids, paddle.where(is_real, source, paddle.zeros_like(source)), axis=1)
+    return paddle.where(is_real, gathered, paddle.full_like(gathered, pad_token_id)), lengths
