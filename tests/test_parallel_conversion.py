@@ -4,9 +4,10 @@ Most tests need no communication: TP split/merge through PaddleNLP's mappings, p
 layouts from Paddle's `SegmentLayers`, Pipe <-> plain names, and the pipeline batches + last-stage
 losses against the non-pipeline computation. Tests that need `fleet.init` run this file as a
 worker in a child process (so the hybrid-parallel state never leaks into the rest of the suite):
-one process with pipeline degree 1 builds real Pipe models; a 4-process CPU launch
-(tensor parallel 2 x pipeline parallel 2) builds real TP/PP stages from a single checkpoint and
-checks checkpoint merging and the eval-mode weight sync. Forward passes through TP layers or
+one process with pipeline degree 1 builds real Pipe models; two 2-process CPU launches
+(tensor parallel 2, pipeline parallel 2; marked slow, ~15-25 s each) build real TP/PP models
+from single checkpoints and check checkpoint merging and the eval-mode weight sync
+(`pytest -m "slow and distributed" tests/test_parallel_conversion.py`). Forward passes through TP layers or
 across stages are not possible on CPU (no c_identity kernel; gloo has no send/recv on the calc
 stream), so those only run the weight logic.
 """
@@ -429,3 +430,428 @@ def test_plain_weights_through_pipe_names_and_back_give_identical_logits():
         expected = original(input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
         actual = fresh(input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
     assert np.array_equal(expected.numpy(), actual.numpy())
+
+
+# =============================================================================================
+# Pipeline batches and last-stage losses vs the non-pipeline computation
+# =============================================================================================
+
+
+def make_experience(model, prompt_pad=(0, 2, 1), response_lengths=(5, 3, 4), seed=0) -> Experience:
+    """A scored rollout of the tiny model: left-padded prompts (P=4), right-padded responses (T=5),
+    old log-probs a little off the current policy so that ratios move and clipping happens."""
+    rng = np.random.default_rng(seed)
+    batch, prompt_length, response_length = len(prompt_pad), 4, 5
+    ids = rng.integers(10, 500, size=(batch, prompt_length + response_length))
+    mask = np.ones_like(ids, dtype=bool)
+    for row, (pad, length) in enumerate(zip(prompt_pad, response_lengths)):
+        mask[row, :pad] = False
+        mask[row, prompt_length + length :] = False
+    ids = np.where(mask, ids, 3)
+    input_ids, attention_mask = paddle.to_tensor(ids, dtype="int64"), paddle.to_tensor(mask)
+    with paddle.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=make_position_ids(attention_mask))[0]
+        log_probs = gather_log_probs(logits[:, :-1], input_ids[:, 1:])
+    shape = [batch, ids.shape[1] - 1]
+    noise = lambda scale: paddle.to_tensor(rng.normal(0.0, scale, shape).astype("float32"))  # noqa: E731
+    return Experience.build(
+        input_ids,
+        attention_mask,
+        prompt_length,
+        old_log_probs=log_probs + noise(0.3),
+        reference_log_probs=log_probs + noise(0.1),
+        old_values=noise(1.0),
+        reward_scores=paddle.to_tensor(rng.normal(0.0, 1.0, [batch]).astype("float32")),
+        kl_coeff=0.05,
+        clip_range_score=5.0,
+        gamma=1.0,
+        gae_lambda=0.95,
+    )
+
+
+def make_ptx_batch(length: int, seed: int = 1) -> dict:
+    """A right-padded supervised batch with the prompt part of the labels masked."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(10, 500, size=(2, length))
+    mask = np.ones_like(ids, dtype="int64")
+    mask[1, length - 2 :] = 0
+    labels = np.where(mask == 1, ids, IGNORE_INDEX)
+    labels[:, :2] = IGNORE_INDEX
+    return {"input_ids": paddle.to_tensor(ids), "attention_mask": paddle.to_tensor(mask), "labels": paddle.to_tensor(labels)}
+
+
+def first_micro_batch(pipeline_inputs):
+    inputs, labels = pipeline_inputs
+    return tuple(column[0] for column in inputs), tuple(column[0] for column in labels)
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_lm():
+    model = build_model("llama", "causal", seed=5)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("reduction", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("ptx_length", [None, 6, 12])
+def test_policy_pipeline_loss_equals_the_non_pipeline_actor_step(tiny_causal_lm, reduction, ptx_length):
+    model = tiny_causal_lm
+    experience = make_experience(model)
+    ptx_batch = make_ptx_batch(ptx_length) if ptx_length else None
+    loss_config = PolicyLossConfig(clip_range_ratio=0.2, temperature=0.7, ptx_coeff=4.0, reduction=reduction)
+
+    with paddle.no_grad():
+        # Non-pipeline: what the actor trainer computes (PPO rows and ptx rows in separate forwards).
+        logits = model(
+            experience.input_ids, attention_mask=experience.attention_mask, position_ids=experience.position_ids
+        )[0]
+        log_probs = gather_log_probs(logits[:, :-1] / loss_config.temperature, experience.input_ids[:, 1:])
+        expected = actor_clipped_loss(
+            log_probs, experience.old_log_probs, experience.advantages, experience.action_mask, 0.2, reduction
+        )
+        if ptx_batch is not None:
+            ptx_logits = model(ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"])[0]
+            expected = expected + 4.0 * supervised_lm_loss(ptx_logits, ptx_batch["labels"])
+
+        # Pipeline: one micro-batch with the supervised rows appended, loss in the "last stage".
+        inputs, labels = first_micro_batch(prepare_policy_pipeline_inputs({"experience": experience, "ptx_batch": ptx_batch}))
+        input_ids, attention_mask, row_indices, position_ids = inputs
+        assert row_indices is None and attention_mask.dtype == paddle.bool and position_ids.dtype == paddle.int64
+        assert len(labels) == (5 if ptx_batch is not None else 4)
+        pipe_logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids)[0]
+        actual = PolicyPipeLoss(loss_config)(pipe_logits, labels)
+
+    assert abs(float(actual) - float(expected)) < 1e-5 * max(1.0, abs(float(expected)))
+    # The batch exercises the clip: without it the actor loss would differ.
+    args = (log_probs, experience.old_log_probs, experience.advantages, experience.action_mask)
+    assert abs(float(actor_clipped_loss(*args, 1e6, reduction)) - float(actor_clipped_loss(*args, 0.2, reduction))) > 1e-4
+
+
+def test_value_pipeline_loss_equals_the_non_pipeline_critic_step(tiny_causal_lm):
+    critic = build_model("llama", "score", seed=6)
+    critic.eval()
+    experience = make_experience(tiny_causal_lm)
+    loss_config = ValueLossConfig(clip_range_value=0.5)
+    with paddle.no_grad():
+        values = critic(experience.input_ids, experience.attention_mask, experience.position_ids).scores[:, :-1, 0]
+        expected = critic_clipped_loss(values, experience.old_values, experience.returns, experience.action_mask, 0.5)
+        inputs, labels = first_micro_batch(prepare_value_pipeline_inputs({"experience": experience, "stats": None}))
+        scores = critic(inputs[0], inputs[1], inputs[3]).scores
+        actual = ValuePipeLoss(loss_config)(scores, labels)
+    assert abs(float(actual) - float(expected)) < 1e-6 * max(1.0, abs(float(expected)))
+
+
+def test_micro_batches_travel_as_lists_and_share_one_label_structure(tiny_causal_lm):
+    short = make_experience(tiny_causal_lm, seed=0)
+    longer = make_experience(tiny_causal_lm, prompt_pad=(1, 0), response_lengths=(5, 2), seed=1)
+    ptx = make_ptx_batch(12)
+    inputs, labels = prepare_policy_pipeline_inputs(
+        [{"experience": short, "ptx_batch": ptx}, {"experience": longer, "ptx_batch": None}]
+    )
+    assert len(inputs) == 4 and all(len(column) == 2 for column in inputs)
+    assert inputs[2] == [None, None]  # attn_mask_startend_row_indices slot stays empty
+    assert len(labels) == 5 and all(len(column) == 2 for column in labels)
+    assert list(inputs[0][0].shape) == [3 + 2, 12]  # experience rows + ptx rows, padded to 12
+    assert list(inputs[0][1].shape) == [2, 9]
+    assert bool((labels[4][1] == IGNORE_INDEX).all())  # no ptx in the second micro-batch: ptx loss 0
+    assert not bool(labels[3][0][3:].any())  # ptx rows carry no action
+    for column in inputs[:2] + inputs[3:] + labels:
+        assert all(tensor.ndim == 2 for tensor in column)  # the engine slices data[begin:end, :]
+
+    value_micro_batch = ((short.input_ids,), (short.old_values, short.returns, short.action_mask))
+    policy_micro_batch = ((short.input_ids,), (short.input_ids, short.old_log_probs, short.advantages, short.action_mask))
+    with pytest.raises(ValueError, match="different label structures"):
+        stack_micro_batches([value_micro_batch, policy_micro_batch])
+    with pytest.raises(ValueError, match="'experience' entry"):
+        prepare_policy_pipeline_inputs({"input_ids": short.input_ids})
+    with pytest.raises(KeyError, match="labels"):
+        prepare_policy_pipeline_inputs({"experience": short, "ptx_batch": {"input_ids": ptx["input_ids"]}})
+
+
+def test_loss_configs_and_pipe_classes_validate_their_inputs():
+    with pytest.raises(ValueError, match="clip_range_ratio"):
+        PolicyLossConfig(clip_range_ratio=0.0)
+    with pytest.raises(ValueError, match="token-mean"):
+        PolicyLossConfig(clip_range_ratio=0.2, reduction="mean")
+    with pytest.raises(ValueError, match="clip_range_value"):
+        ValueLossConfig(clip_range_value=-1.0)
+    with pytest.raises(ValueError, match="available: .*llama/policy"):
+        pipe_model_class("bert", "policy")
+    with pytest.raises(ValueError, match="policy pipeline labels"):
+        PolicyPipeLoss(PolicyLossConfig(0.2))(paddle.zeros([1, 3, 8]), (paddle.zeros([1, 3]),))
+    assert pipe_model_class("qwen2", "value") is Qwen2ValuePipe and pipe_model_class("qwen2", "policy") is Qwen2PolicyPipe
+
+
+# =============================================================================================
+# Real Pipe / TP models under fleet (child processes running this file as a worker)
+# =============================================================================================
+
+
+def _init_fleet(mp_degree: int, pp_degree: int, virtual_pp_degree: int = 1) -> None:
+    from paddle.distributed import fleet
+
+    # CPU builds of Paddle never set ParallelEnv._device_id, which PipelineLayer reads once and
+    # only stores; a class-level default lets the Pipe layers be built on CPU.
+    if not hasattr(paddle.distributed.ParallelEnv(), "_device_id"):
+        paddle.distributed.ParallelEnv._device_id = 0
+    strategy = fleet.DistributedStrategy()
+    strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": mp_degree, "pp_degree": pp_degree, "sharding_degree": 1}
+    strategy.pipeline_configs = {"accumulate_steps": 1, "micro_batch_size": 1}
+    fleet.init(is_collective=True, strategy=strategy)
+
+
+def _save_model(model, directory: str) -> str:
+    model.save_pretrained(directory)
+    return directory
+
+
+def _check(name: str, condition: bool, detail: str = "") -> None:
+    if not condition:
+        raise AssertionError(f"CHECK {name} failed {detail}")
+    print(f"CHECK {name} ok", flush=True)
+
+
+def _same_state(name: str, actual: dict, expected: dict) -> None:
+    _check(f"{name}-keys", sorted(actual) == sorted(expected), f"{sorted(set(actual) ^ set(expected))[:5]}")
+    bad = [key for key in expected if not np.array_equal(np.asarray(actual[key]), np.asarray(expected[key]))]
+    _check(f"{name}-values", not bad, f"{bad[:5]}")
+
+
+def _worker_single_stage(work_dir: str) -> None:
+    """pipeline degree 1: real Pipe models against the plain models and PaddleNLP's own naming."""
+    _init_fleet(mp_degree=1, pp_degree=1)
+    paddle.set_device("cpu")
+    for architecture in ("llama", "qwen2"):
+        causal = build_model(architecture, "causal", seed=11)
+        causal_dir = _save_model(causal, os.path.join(work_dir, f"{architecture}_causal"))
+        score = build_model(architecture, "score", seed=12)
+        score_dir = _save_model(score, os.path.join(work_dir, f"{architecture}_score"))
+        causal.eval(), score.eval()
+
+        # Policy: structure and names
+        loss_config = PolicyLossConfig(clip_range_ratio=0.2, temperature=0.8, ptx_coeff=2.0)
+        policy_class = pipe_model_class(architecture, "policy")
+        policy = policy_class.from_pretrained(causal_dir, loss_config=loss_config, dtype="float32")
+        policy.eval()
+        specs = policy_class.pipe_layer_specs(policy.config)
+        _check(f"{architecture}-policy-layer-classes", [d.layer_func for d in policy.get_sequential_layers()] == [s.layer_class for s in specs])
+        _check(
+            f"{architecture}-policy-prefixes",
+            policy.get_sequential_name_prefixes() == {str(i): s.name_prefix for i, s in enumerate(specs)},
+        )
+        mapping = policy.name_mapping()
+        raw = paddle.nn.Layer.state_dict(policy)
+        paddlenlp_named = policy.state_dict()  # PaddleNLP's own Pipe -> plain renaming
+        _check(f"{architecture}-policy-names-match-paddlenlp", sorted(mapping.to_plain(k) for k in raw) == sorted(paddlenlp_named))
+        _check(f"{architecture}-policy-names-cover-plain-model", sorted(paddlenlp_named) == sorted(causal.state_dict()))
+        _same_state(f"{architecture}-policy-loaded", {mapping.to_plain(k): v.numpy() for k, v in raw.items()}, numpy_state(causal))
+
+        # Policy: forward and last-stage loss against the plain model
+        experience = make_experience(causal)
+        ptx_batch = make_ptx_batch(12)
+        inputs, labels = first_micro_batch(prepare_policy_pipeline_inputs({"experience": experience, "ptx_batch": ptx_batch}))
+        with paddle.no_grad():
+            pipe_logits = policy(inputs)
+            plain_logits = causal(inputs[0], attention_mask=inputs[1], position_ids=inputs[3])[0]
+        _check(f"{architecture}-policy-logits", np.allclose(pipe_logits.numpy(), plain_logits.numpy(), atol=1e-5))
+        policy.train()
+        pipe_loss = policy._loss_fn[0](policy(inputs), labels)
+        expected = PolicyPipeLoss(loss_config)(plain_logits, labels)
+        _check(f"{architecture}-policy-loss", abs(float(pipe_loss) - float(expected)) < 1e-5, f"{float(pipe_loss)} vs {float(expected)}")
+        pipe_loss.backward()
+        embedding_grad = raw["0.embed_tokens.weight"].grad
+        _check(f"{architecture}-policy-backward", embedding_grad is not None and float(embedding_grad.abs().sum()) > 0)
+
+        # Value: scores, loss, and a checkpoint the plain score model loads
+        value_class = pipe_model_class(architecture, "value")
+        value = value_class.from_pretrained(score_dir, loss_config=ValueLossConfig(clip_range_value=0.5), dtype="float32")
+        value.eval()
+        value_mapping = value.name_mapping()
+        _same_state(
+            f"{architecture}-value-loaded",
+            {value_mapping.to_plain(k): v.numpy() for k, v in paddle.nn.Layer.state_dict(value).items()},
+            numpy_state(score),
+        )
+        inputs, labels = first_micro_batch(prepare_value_pipeline_inputs({"experience": experience}))
+        with paddle.no_grad():
+            pipe_scores = value(inputs)
+            plain_scores = score(inputs[0], inputs[1], inputs[3]).scores
+            pipe_value_loss = value._loss_fn[0](pipe_scores, labels)
+            plain_value_loss = critic_clipped_loss(plain_scores[:, :-1, 0], *labels, 0.5)
+        _check(f"{architecture}-value-scores", np.allclose(pipe_scores.numpy(), plain_scores.numpy(), atol=1e-5))
+        _check(f"{architecture}-value-loss", abs(float(pipe_value_loss) - float(plain_value_loss)) < 1e-5)
+        saved = _save_model(value, os.path.join(work_dir, f"{architecture}_value_pipe_saved"))
+        reloaded = SCORE_CLASSES[architecture].from_pretrained(saved, dtype="float32")
+        _same_state(f"{architecture}-value-saved", numpy_state(reloaded), numpy_state(score))
+
+    # Virtual stages: chunked names ("0.1.self_attn...") agree with PaddleNLP's renaming
+    config = tiny_config("llama", num_hidden_layers=4)
+    config.virtual_pp_degree = 2
+    paddle.seed(0)
+    chunked = LlamaPolicyPipe(config, loss_config=PolicyLossConfig(0.2))
+    raw_names = list(paddle.nn.Layer.state_dict(chunked))
+    mapping = chunked.name_mapping()
+    _check("virtual-names-are-chunked", raw_names[0] == "0.0.embed_tokens.weight" and any(n.startswith("3.0.") for n in raw_names), str(raw_names[:3]))
+    _check("virtual-names-match-paddlenlp", sorted(mapping.to_plain(n) for n in raw_names) == sorted(chunked.state_dict()))
+    _check("virtual-layout-matches-offline", mapping.layout == LlamaPolicyPipe.name_mapping_for(config, 1, 2).layout)
+
+
+def _worker_tensor_parallel(work_dir: str) -> None:
+    """2 ranks, tensor parallel 2: PaddleNLP's TP models built from single checkpoints hold exactly
+    our offline shards; their checkpoints merge back; eval-mode sync gathers or keeps shards."""
+    import paddle.distributed as dist
+    from paddle.distributed import fleet
+
+    from ppo.models.parallel_utils import eval_model_config, sync_eval_model_from_pipeline
+
+    _init_fleet(mp_degree=2, pp_degree=1)
+    mp_rank, rank = fleet.get_hybrid_communicate_group().get_model_parallel_rank(), dist.get_rank()
+    causal_dir, score_dir = os.path.join(work_dir, "causal"), os.path.join(work_dir, "score")
+    full_causal = numpy_state(LlamaForCausalLM.from_pretrained(causal_dir, dtype="float32"))
+    full_score = numpy_state(LlamaModelForScore.from_pretrained(score_dir, dtype="float32"))
+
+    # The plain score model split on load by PaddleNLP with the score-model mappings
+    config = LlamaModelForScore.config_class.from_pretrained(score_dir)
+    config.tensor_parallel_degree, config.tensor_parallel_rank = 2, mp_rank
+    tp_score = LlamaModelForScore.from_pretrained(score_dir, config=config, dtype="float32")
+    score_shard = split_state_dict(LlamaModelForScore, config, full_score, 2)[mp_rank]
+    _same_state("tp-score-loaded-shard", numpy_state(tp_score), score_shard)
+    merged_dir, per_rank_dir = os.path.join(work_dir, "score_merged"), os.path.join(work_dir, "score_per_rank")
+    tp_score.save_pretrained(merged_dir, merge_tensor_parallel=True, is_main_process=rank == 0)
+    tp_score.save_pretrained(per_rank_dir, is_main_process=rank == 0)
+
+    # A Pipe policy / value model on one stage with TP layers, synced into the rollout models
+    # As in PaddleNLP's run scripts, the config read with the checkpoint carries the TP degree/rank:
+    # from_pretrained splits the weights before the Pipe constructor looks at the topology.
+    policy_config = LlamaConfig.from_pretrained(causal_dir)
+    policy_config.tensor_parallel_degree, policy_config.tensor_parallel_rank = 2, mp_rank
+    policy = LlamaPolicyPipe.from_pretrained(causal_dir, config=policy_config, loss_config=PolicyLossConfig(0.2), dtype="float32")
+    shard = split_state_dict(LlamaForCausalLM, policy.config, full_causal, 2)[mp_rank]
+    mapping = policy.name_mapping()
+    _same_state("tp-policy-loaded-shard", {mapping.to_plain(k): v.numpy() for k, v in paddle.nn.Layer.state_dict(policy).items()}, shard)
+    single = LlamaForCausalLM(eval_model_config(policy.config, "single"))
+    sync_eval_model_from_pipeline(policy, single, "single")
+    _same_state("tp-eval-single", numpy_state(single), full_causal)
+    kept = LlamaForCausalLM(eval_model_config(policy.config, "tensor_parallel"))
+    sync_eval_model_from_pipeline(policy, kept, "tensor_parallel")
+    _same_state("tp-eval-tensor-parallel", numpy_state(kept), shard)
+    value = LlamaValuePipe.from_pretrained(score_dir, config=config, loss_config=ValueLossConfig(0.5), dtype="float32")
+    value_single = LlamaModelForScore(eval_model_config(value.config, "single"))
+    sync_eval_model_from_pipeline(value, value_single, "single")
+    _same_state("tp-value-eval-single", numpy_state(value_single), full_score)
+
+    dist.barrier()
+    if rank == 0:
+        _same_state("tp-score-saved-merged", numpy_state(LlamaModelForScore.from_pretrained(merged_dir, dtype="float32")), full_score)
+        _check("tp-score-per-rank-files", sorted(find_parallel_shard_files(per_rank_dir)) == [(0, 0), (1, 0)])
+        merged = merge_parallel_checkpoint(per_rank_dir, os.path.join(work_dir, "score_per_rank_merged"))
+        _same_state("tp-score-offline-merged", numpy_state(LlamaModelForScore.from_pretrained(merged, dtype="float32")), full_score)
+    dist.barrier()
+
+
+def _worker_pipeline_parallel(work_dir: str) -> None:
+    """2 ranks, pipeline parallel 2: each stage holds what the offline layout predicts; eval-mode
+    sync rebuilds the full model on every rank; per-stage checkpoints merge back."""
+    import paddle.distributed as dist
+    from paddle.distributed import fleet
+
+    from ppo.models.parallel_utils import eval_model_config, sync_eval_model_from_pipeline
+
+    _init_fleet(mp_degree=1, pp_degree=2)
+    stage, rank = fleet.get_hybrid_communicate_group().get_stage_id(), dist.get_rank()
+    causal_dir, score_dir = os.path.join(work_dir, "causal"), os.path.join(work_dir, "score")
+    plain_causal = LlamaForCausalLM.from_pretrained(causal_dir, dtype="float32")
+    plain_causal.eval()
+    full_causal = numpy_state(plain_causal)
+    full_score = numpy_state(LlamaModelForScore.from_pretrained(score_dir, dtype="float32"))
+
+    policy = LlamaPolicyPipe.from_pretrained(causal_dir, loss_config=PolicyLossConfig(0.2), dtype="float32")
+    mapping = policy.name_mapping()
+    _check("pp-layout-matches-offline", mapping.layout == LlamaPolicyPipe.name_mapping_for(policy.config, 2).layout)
+    expected_stage = mapping.split_by_stage(full_causal)[stage]
+    _same_state("pp-stage-weights", {k: v.numpy() for k, v in paddle.nn.Layer.state_dict(policy).items()}, expected_stage)
+
+    for eval_mode in ("single", "tensor_parallel"):  # identical without tensor parallel
+        rollout_model = LlamaForCausalLM(eval_model_config(policy.config, eval_mode))
+        rollout_model.eval()
+        sync_eval_model_from_pipeline(policy, rollout_model, eval_mode)
+        _same_state(f"pp-eval-{eval_mode}", numpy_state(rollout_model), full_causal)
+    input_ids = paddle.to_tensor([[3, 1, 70, 71, 72], [1, 80, 81, 82, 83]], dtype="int64")
+    attention_mask = input_ids != 3
+    with paddle.no_grad():
+        args = dict(attention_mask=attention_mask, position_ids=make_position_ids(attention_mask))
+        same = np.array_equal(rollout_model(input_ids, **args)[0].numpy(), plain_causal(input_ids, **args)[0].numpy())
+    _check("pp-eval-logits", same)
+
+    value = LlamaValuePipe.from_pretrained(score_dir, loss_config=ValueLossConfig(0.5), dtype="float32")
+    value_single = LlamaModelForScore(eval_model_config(value.config, "single"))
+    sync_eval_model_from_pipeline(value, value_single, "single")
+    _same_state("pp-value-eval-single", numpy_state(value_single), full_score)
+
+    per_stage_dir = os.path.join(work_dir, "policy_per_stage")
+    # Like PaddleNLP's Trainer, name the files per stage: save_pretrained alone adds the suffix
+    # only under tensor parallel, so every stage would write the same model_state.pdparams.
+    from paddlenlp.transformers.utils import weight_name_suffix
+
+    policy.save_pretrained(per_stage_dir, variant=weight_name_suffix(), is_main_process=rank == 0)
+    dist.barrier()
+    if rank == 0:
+        _check("pp-per-stage-files", sorted(find_parallel_shard_files(per_stage_dir)) == [(0, 0), (0, 1)])
+        merged = merge_parallel_checkpoint(per_stage_dir, os.path.join(work_dir, "policy_merged"))
+        _same_state("pp-offline-merged", numpy_state(LlamaForCausalLM.from_pretrained(merged, dtype="float32")), full_causal)
+    dist.barrier()
+
+
+def _run(command, cwd, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    env.pop("PADDLE_TRAINERS_NUM", None)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_real_pipe_models_match_the_plain_models_on_one_stage(tmp_path):
+    result = _run([sys.executable, __file__, "single-stage", str(tmp_path)], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checks = [line for line in result.stdout.splitlines() if line.startswith("CHECK")]
+    assert len(checks) == 2 * 15 + 3 and all(line.endswith(" ok") for line in checks), checks
+
+
+def _launch_worker(tmp_path, worker: str):
+    """Run `worker` of this file on 2 CPU processes; {log name: CHECK lines}."""
+    build_model("llama", "causal", seed=21, num_hidden_layers=4, num_key_value_heads=2).save_pretrained(str(tmp_path / "causal"))
+    build_model("llama", "score", seed=22, num_hidden_layers=4, num_key_value_heads=2).save_pretrained(str(tmp_path / "score"))
+    log_dir = tmp_path / "logs"
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(log_dir), "--nproc_per_node", "2",
+               __file__, worker, str(tmp_path)]
+    result = _run(command, cwd=str(tmp_path), timeout=600)
+    logs = {path.name: path.read_text(errors="replace") for path in sorted(log_dir.glob("workerlog.*"))}
+    assert result.returncode == 0, "\n".join(text[-2500:] for text in logs.values()) or result.stderr[-3000:]
+    return {name: [line for line in text.splitlines() if line.startswith("CHECK")] for name, text in logs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_models_load_save_and_sync_on_cpu(tmp_path):
+    checks = _launch_worker(tmp_path, "tensor-parallel")
+    assert sorted(checks) == ["workerlog.0", "workerlog.1"]
+    for name, lines in checks.items():
+        expected = 10 + (5 if name == "workerlog.0" else 0)
+        assert len(lines) == expected and all(line.endswith(" ok") for line in lines), (name, lines)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pipeline_stages_sync_and_merge_on_cpu(tmp_path):
+    checks = _launch_worker(tmp_path, "pipeline-parallel")
+    assert sorted(checks) == ["workerlog.0", "workerlog.1"]
+    for name, lines in checks.items():
+        expected = 10 + (3 if name == "workerlog.0" else 0)
+        assert len(lines) == expected and all(line.endswith(" ok") for line in lines), (name, lines)
+
+
+if __name__ == "__main__":
+    _workers = {
+        "single-stage": _worker_single_stage,
+        "tensor-parallel": _worker_tensor_parallel,
+        "pipeline-parallel": _worker_pipeline_parallel,
+    }
+    _workers[sys.argv[1]](sys.argv[2])

@@ -42,7 +42,7 @@ from paddlenlp.transformers.qwen2.modeling_pp import (
     Qwen2RMSNormPipe,
 )
 
-from ppo.models.parallel_utils import check_score_model_parallel_config
+from ppo.models.parallel_utils import check_score_model_parallel_config, score_model_tensor_parallel_mappings
 from ppo.models.pp_model_utils import (
     PipeLayerSpec,
     PipeNameMapping,
@@ -65,6 +65,12 @@ from ppo.models.score_model_utils import apply_score_config
 # --------------------------------------------------------------------------------------------
 
 
+def _check_reduction(reduction: str) -> None:
+    valid = [choice.value for choice in Reduction]
+    if reduction not in valid:
+        raise ValueError(f"unknown loss reduction {reduction!r}; valid choices are {valid}")
+
+
 @dataclass(frozen=True)
 class PolicyLossConfig:
     """The PPO arguments that shape the actor loss (see `PPOTrainingArguments`)."""
@@ -81,7 +87,7 @@ class PolicyLossConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.ptx_coeff < 0:
             raise ValueError(f"ptx_coeff must be >= 0, got {self.ptx_coeff}")
-        Reduction(self.reduction)  # raises for an unknown name
+        _check_reduction(self.reduction)
 
     @classmethod
     def from_args(cls, args) -> "PolicyLossConfig":
@@ -98,7 +104,7 @@ class ValueLossConfig:
     def __post_init__(self):
         if not self.clip_range_value > 0:
             raise ValueError(f"clip_range_value must be > 0, got {self.clip_range_value}")
-        Reduction(self.reduction)
+        _check_reduction(self.reduction)
 
     @classmethod
     def from_args(cls, args) -> "ValueLossConfig":
@@ -289,6 +295,11 @@ class _ValuePipeMixin(_PipeNamingMixin):
                 f"{config.score_type!r} scores; load the critic with score_type='critic' or do_normalize=False"
             )
         self._loss_config = loss_config
+
+    @classmethod
+    def _get_tensor_parallel_mappings(cls, config, is_split=True):
+        # Like the plain score models: the backbone's actions, no LM head, score head replicated.
+        return score_model_tensor_parallel_mappings(super()._get_tensor_parallel_mappings(config, is_split=is_split))
 
     def add_sequential_layer(self, layer_desc, name_prefix=""):
         # PaddleNLP's causal-LM Pipe registers its layers through this hook; the value model keeps

@@ -257,11 +257,16 @@ def pipe_name_mapping(
 # Paddle's pipeline engine slices every tensor as `data[begin:end, :]`, so every input and label
 # is at least 2-D. Each micro-batch travels as its own list element (the engine then takes
 # micro-batch i whole), which lets micro-batches differ in batch size and sequence length.
-# The first stage receives (input_ids, attention_mask, position_ids); attention_mask must be bool:
-# on GPU PaddleNLP's Pipe embedding reads an int64 mask as position ids and an int32 one as
-# attention row indices.
+# The first stage receives PaddleNLP's four input slots (input_ids, attention_mask,
+# attn_mask_startend_row_indices, position_ids) with the third left empty: Qwen2's Pipe embedding
+# reads a 3-tuple's last entry as attention row indices, and on GPU Llama's reads an int64 mask
+# as position ids, so attention_mask is bool and position_ids sits in the fourth slot.
 
-PipelineMicroBatch = Tuple[Tuple[paddle.Tensor, ...], Tuple[paddle.Tensor, ...]]  # (inputs, labels)
+PipelineMicroBatch = Tuple[Tuple[Optional[paddle.Tensor], ...], Tuple[paddle.Tensor, ...]]  # (inputs, labels)
+
+
+def _first_stage_inputs(input_ids, attention_mask, position_ids) -> Tuple[Optional[paddle.Tensor], ...]:
+    return (input_ids.astype("int64"), attention_mask.astype("bool"), None, position_ids.astype("int64"))
 
 
 def _right_pad(x: paddle.Tensor, length: int, value) -> paddle.Tensor:
@@ -282,7 +287,7 @@ def _as_tensor(value, dtype: str) -> paddle.Tensor:
 def policy_pipeline_micro_batch(experience, ptx_batch: Optional[Mapping[str, Any]] = None) -> PipelineMicroBatch:
     """One actor micro-batch for the Pipe policy.
 
-    inputs = (input_ids [N, L], attention_mask [N, L] bool, position_ids [N, L])
+    inputs = (input_ids [N, L], attention_mask [N, L] bool, None, position_ids [N, L])
     labels = (input_ids [N, L], old_log_probs [N, L-1], advantages [N, L-1], action_mask [N, L-1])
              + (ptx_labels [N, L],) when a supervised batch is given.
 
@@ -299,7 +304,7 @@ def policy_pipeline_micro_batch(experience, ptx_batch: Optional[Mapping[str, Any
     advantages = experience.advantages.astype("float32")
     action_mask = experience.action_mask.astype("bool")
     if ptx_batch is None:
-        inputs = (input_ids, attention_mask, position_ids)
+        inputs = _first_stage_inputs(input_ids, attention_mask, position_ids)
         return inputs, (input_ids, old_log_probs, advantages, action_mask)
 
     missing = [key for key in ("input_ids", "attention_mask", "labels") if key not in ptx_batch]
@@ -329,7 +334,7 @@ def policy_pipeline_micro_batch(experience, ptx_batch: Optional[Mapping[str, Any
             _right_pad(ptx_labels, length, IGNORE_INDEX),
         ]
     )
-    inputs = (all_ids, all_mask, all_positions)
+    inputs = _first_stage_inputs(all_ids, all_mask, all_positions)
     labels = (
         all_ids,
         per_token(old_log_probs, 0.0),
@@ -343,14 +348,10 @@ def policy_pipeline_micro_batch(experience, ptx_batch: Optional[Mapping[str, Any
 def value_pipeline_micro_batch(experience) -> PipelineMicroBatch:
     """One critic micro-batch for the Pipe value model.
 
-    inputs = (input_ids [B, L], attention_mask [B, L] bool, position_ids [B, L])
+    inputs = (input_ids [B, L], attention_mask [B, L] bool, None, position_ids [B, L])
     labels = (old_values [B, L-1], returns [B, L-1], action_mask [B, L-1])
     """
-    inputs = (
-        experience.input_ids.astype("int64"),
-        experience.attention_mask.astype("bool"),
-        experience.position_ids.astype("int64"),
-    )
+    inputs = _first_stage_inputs(experience.input_ids, experience.attention_mask, experience.position_ids)
     labels = (
         experience.old_values.astype("float32"),
         experience.returns.astype("float32"),
