@@ -579,6 +579,12 @@ def test_loss_configs_and_pipe_classes_validate_their_inputs():
         pipe_model_class("bert", "policy")
     with pytest.raises(ValueError, match="policy pipeline labels"):
         PolicyPipeLoss(PolicyLossConfig(0.2))(paddle.zeros([1, 3, 8]), (paddle.zeros([1, 3]),))
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        LlamaPolicyPipe(tiny_config("llama", tie_word_embeddings=True), loss_config=PolicyLossConfig(0.2))
+    with pytest.raises(TypeError, match="PolicyLossConfig"):
+        LlamaPolicyPipe(tiny_config("llama"), loss_config=None)
+    with pytest.raises(TypeError, match="ValueLossConfig"):
+        LlamaValuePipe(tiny_config("llama"), loss_config=PolicyLossConfig(0.2))
     assert pipe_model_class("qwen2", "value") is Qwen2ValuePipe and pipe_model_class("qwen2", "policy") is Qwen2PolicyPipe
 
 
@@ -694,6 +700,12 @@ def _worker_single_stage(work_dir: str) -> None:
     _check("virtual-names-are-chunked", raw_names[0] == "0.0.embed_tokens.weight" and any(n.startswith("3.0.") for n in raw_names), str(raw_names[:3]))
     _check("virtual-names-match-paddlenlp", sorted(mapping.to_plain(n) for n in raw_names) == sorted(chunked.state_dict()))
     _check("virtual-layout-matches-offline", mapping.layout == LlamaPolicyPipe.name_mapping_for(config, 1, 2).layout)
+
+    # Tied word embeddings: the value model has no LM head, so its embedding is an ordinary layer
+    tied_value = Qwen2ValuePipe(tiny_config("qwen2", tie_word_embeddings=True), loss_config=ValueLossConfig(0.5))
+    names = list(paddle.nn.Layer.state_dict(tied_value))
+    plain_names = sorted(tied_value.name_mapping().to_plain(name) for name in names)
+    _check("tied-value-embedding-unshared", not any(n.startswith("shared_layers") for n in names) and plain_names == sorted(tied_value.state_dict()))
 
 
 def _worker_tensor_parallel(work_dir: str) -> None:
@@ -812,7 +824,7 @@ def test_real_pipe_models_match_the_plain_models_on_one_stage(tmp_path):
     result = _run([sys.executable, __file__, "single-stage", str(tmp_path)], cwd=str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checks = [line for line in result.stdout.splitlines() if line.startswith("CHECK")]
-    assert len(checks) == 2 * 15 + 3 and all(line.endswith(" ok") for line in checks), checks
+    assert len(checks) == 2 * 15 + 4 and all(line.endswith(" ok") for line in checks), checks
 
 
 def _launch_worker(tmp_path, worker: str):

@@ -261,6 +261,12 @@ class _PolicyPipeMixin(_PipeNamingMixin):
                 f"{type(self).__name__} needs loss_config=PolicyLossConfig(...) (clip_range_ratio, temperature, "
                 f"ptx_coeff, reduction of the PPO run), got {loss_config!r}"
             )
+        if config.tie_word_embeddings:
+            raise ValueError(
+                "tie_word_embeddings=True is not supported by the Pipe policy: the embedding and LM head "
+                "then share one weight across the first and last stages, which the rollout weight sync "
+                "(eval_mode) cannot place; untie them or train without pipeline parallel"
+            )
         self._loss_config = loss_config
         # The actor loss takes log-softmax over the whole vocabulary; with tensor parallel the LM
         # head must gather its vocabulary slices instead of returning this rank's slice.
