@@ -27,11 +27,14 @@ from typing import Callable, Optional, Sequence
 # and conversations grow from ~30 to 60-115 tokens.
 TOKENIZER_VOCAB_SIZE = 512
 
-# Hidden 128, 2 layers, 4 heads: from scratch it learns the demo task's answer grammar and to copy
-# the asked-for colour in ~300 SFT steps (batch 32, ~1 min on one core); a reward model
-# initialised from that SFT backbone then separates held-out preference pairs at >= 0.96
-# accuracy in 150 steps. Hidden 64 learns too but its samples are visibly less fluent; wider or
-# deeper models only slow every PPO step, whose cost on CPU is mostly per-layer overhead.
+# Hidden 128, 2 layers, 4 heads (0.46M parameters). Measured on one core with plain AdamW
+# (batch 32, lr 3e-3, cosine): 300 SFT steps (~65 s) give a policy whose samples on held-out
+# prompts are 98% well-formed and score 0.39 under the judge (it imitates the careless SFT
+# data), and a reward model initialised from that backbone reaches 0.89-1.0 held-out accuracy
+# after 150 steps and 0.96+ after 200 (batch 32 pairs, lr 1e-3). Hidden 64 learns the task as well at half the
+# cost per step but needs ~500 SFT steps to be as fluent; wider or deeper models only slow
+# every PPO step. A reward model trained from the random base instead of the SFT backbone does
+# not learn the colour rule in that budget (~0.77), so the RM must start from the SFT output.
 BASE_MODEL = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
 
 STAGES = ("data", "tokenizer", "base")
