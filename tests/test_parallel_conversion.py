@@ -44,7 +44,6 @@ from ppo.models.model_pp import (  # noqa: E402
     causal_lm_pipe_specs,
     pipe_family,
     pipe_model_class,
-    value_pipe_specs,
 )
 from ppo.models.parallel_utils import (  # noqa: E402
     check_tensor_parallel_degree,
@@ -56,8 +55,6 @@ from ppo.models.parallel_utils import (  # noqa: E402
 )
 from ppo.models.pp_model_utils import (  # noqa: E402
     PipelineLayout,
-    pipe_name_mapping,
-    pipeline_layout,
     prepare_policy_pipeline_inputs,
     prepare_value_pipeline_inputs,
     stack_micro_batches,
@@ -661,6 +658,7 @@ def _worker_single_stage(work_dir: str) -> None:
             plain_logits = causal(inputs[0], attention_mask=inputs[1], position_ids=inputs[3])[0]
         _check(f"{architecture}-policy-logits", np.allclose(pipe_logits.numpy(), plain_logits.numpy(), atol=1e-5))
         policy.train()
+        # `_loss_fn` is what Paddle's pipeline engine calls in the last stage with (output, labels).
         pipe_loss = policy._loss_fn[0](policy(inputs), labels)
         expected = PolicyPipeLoss(loss_config)(plain_logits, labels)
         _check(f"{architecture}-policy-loss", abs(float(pipe_loss) - float(expected)) < 1e-5, f"{float(pipe_loss)} vs {float(expected)}")
