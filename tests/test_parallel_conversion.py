@@ -46,6 +46,7 @@ from ppo.models.model_pp import (  # noqa: E402
     pipe_model_class,
 )
 from ppo.models.parallel_utils import (  # noqa: E402
+    check_pipeline_ppo_arguments,
     check_tensor_parallel_degree,
     eval_model_config,
     find_parallel_shard_files,
@@ -290,6 +291,18 @@ def test_eval_model_config_per_eval_mode():
     assert config.tensor_parallel_degree == 2 and config.sequence_parallel  # the training config is untouched
     with pytest.raises(ValueError, match="eval_mode must be one of"):
         eval_model_config(config, "pipeline")
+
+
+def test_pipeline_ppo_arguments_need_an_eval_mode_and_dynamic_shapes():
+    from types import SimpleNamespace
+
+    check_pipeline_ppo_arguments(SimpleNamespace(pipeline_parallel_degree=1, eval_mode=None, pipeline_parallel_config=""))
+    ready = dict(pipeline_parallel_degree=2, eval_mode="single", pipeline_parallel_config="disable_p2p_cache_shape")
+    check_pipeline_ppo_arguments(SimpleNamespace(**ready))
+    with pytest.raises(ValueError, match="eval_mode must be one of"):
+        check_pipeline_ppo_arguments(SimpleNamespace(**{**ready, "eval_mode": None}))
+    with pytest.raises(ValueError, match="disable_p2p_cache_shape"):
+        check_pipeline_ppo_arguments(SimpleNamespace(**{**ready, "pipeline_parallel_config": "disable_partial_send_recv"}))
 
 
 # =============================================================================================

@@ -288,6 +288,26 @@ def check_eval_mode(eval_mode: str) -> None:
         raise ValueError(f"eval_mode must be one of {EVAL_MODES} under pipeline parallel, got {eval_mode!r}")
 
 
+def check_pipeline_ppo_arguments(args) -> None:
+    """What PPO needs under pipeline parallel beyond PaddleNLP's own checks (which already refuse
+    sharding stage2/3 with pipeline parallel). No-op without pipeline parallel."""
+    if getattr(args, "pipeline_parallel_degree", 1) <= 1:
+        return
+    problems = []
+    if getattr(args, "eval_mode", None) not in EVAL_MODES:
+        problems.append(
+            f"eval_mode must be one of {EVAL_MODES} (a Pipe model cannot generate; rollout runs on a "
+            f"non-pipeline copy of the weights), got {getattr(args, 'eval_mode', None)!r}"
+        )
+    if "disable_p2p_cache_shape" not in str(getattr(args, "pipeline_parallel_config", "") or "").split():
+        problems.append(
+            "pipeline_parallel_config must contain 'disable_p2p_cache_shape': rollout lengths (and ptx "
+            "rows) change the shapes the stages exchange, and Paddle otherwise reuses the first shapes"
+        )
+    if problems:
+        raise ValueError("pipeline parallel PPO: " + "; ".join(problems))
+
+
 def eval_model_config(train_config, eval_mode: str):
     """Config of the non-pipeline rollout model for a Pipe model trained with `train_config`
     (whose tensor_parallel_degree / _rank describe this rank)."""
