@@ -33,13 +33,14 @@ class RewardArguments(TrainingArguments):
     max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + answer; longer is truncated."})
     normalize_score_during_training: bool = field(
         default=False,
-        metadata={
-            "help": "Track score statistics over training (all processes' end scores) and train on normalised "
-            "scores; the statistics are saved in the model config."
-        },
+        metadata={"help": "Train on scores normalised with the running statistics (needs normalizer_type)."},
     )
     normalizer_type: Optional[str] = field(
-        default=None, metadata={"help": f"How statistics are tracked: one of {sorted(NORMALIZERS)}, or None."}
+        default=None,
+        metadata={
+            "help": f"How end-score statistics are tracked during training: one of {sorted(NORMALIZERS)}, or None "
+            "(no statistics). They are saved in the model config, where PPO's normalize_reward finds them."
+        },
     )
     normalizer_momentum: float = field(
         default=DEFAULT_MOMENTUM, metadata={"help": "Momentum of the ExponentialMovingAverage normalizer."}
@@ -122,7 +123,8 @@ class RewardTrainer(Trainer):
             raise ValueError(f"reward training needs a score model with score_dim=1, got {scores.shape[-1]}")
 
         score_model = unwrap_model(model)
-        if model.training and self.args.normalize_score_during_training:
+        if model.training and score_model.normalizer is not None:
+            # Statistics of the raw scores, tracked whether or not the loss uses them.
             score_model.update_normalizer(self._gather_across_processes(end_scores.detach()))
         if score_model.config.do_normalize:
             scores, end_scores = score_model.normalize_scores(scores), score_model.normalize_scores(end_scores)

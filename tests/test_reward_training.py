@@ -13,10 +13,11 @@ import pytest
 from paddlenlp.trainer import EvalPrediction
 
 from ppo.data import PreferenceDataset
-from ppo.models import AutoModelForScore
+from ppo.models import AutoModelForScore, sequence_wise_loss
 from ppo.tiny import _DEFAULT_WORDS
 from rm.reward_trainer import RewardArguments, RewardTrainer, compute_reward_metrics
 
+PAIR_KINDS = ("better", "worse")
 MARKER = "thank"  # the preferred answer always contains it, the other never does
 NUM_TRAIN_PAIRS = 256
 
@@ -89,6 +90,16 @@ def run(command, cwd, timeout=300):
     return result
 
 
+def launch_failure_report(result, log_dir):
+    """The launcher's stderr and the end of every worker log (where the worker tracebacks are)."""
+    parts = [f"exit code {result.returncode}", result.stderr[-2000:]]
+    for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
+        if name.startswith("workerlog"):
+            with open(os.path.join(log_dir, name), errors="replace") as f:
+                parts.append(f"--- {name}\n{f.read()[-2000:]}")
+    return "\n".join(parts)
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -105,7 +116,7 @@ def end_scores_on(model, dataset):
 
 
 def test_run_reward_learns_a_learnable_preference(tmp_path, repo_root, tiny_llama_dir, preference_dir):
-    config, values = reward_config(tmp_path, tiny_llama_dir, preference_dir)
+    config, values = reward_config(tmp_path, tiny_llama_dir, preference_dir, normalizer_type="ExponentialMovingAverage")
     result = run([sys.executable, "rm/run_reward.py", config], cwd=repo_root)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -116,6 +127,10 @@ def test_run_reward_learns_a_learnable_preference(tmp_path, repo_root, tiny_llam
     assert eval_results["eval_accuracy"] >= 0.85  # chance is 0.5
     assert {"eval_rewards_mean", "eval_rewards_std", "eval_loss"} <= set(eval_results)
     assert {"train_loss", "eval_accuracy"} <= set(all_results)
+    saved = read_json(os.path.join(output_dir, "config.json"))
+    # Statistics are tracked for PPO's normalize_reward even though training used raw scores.
+    assert saved["do_normalize"] is False and saved["normalizer_type"] == "ExponentialMovingAverage"
+    assert saved["count"] == 2 * NUM_TRAIN_PAIRS and saved["var"][0] > 0
 
     # The saved directory reloads with the tokenizer and reproduces the evaluated scores.
     from paddlenlp.transformers import AutoTokenizer
@@ -131,7 +146,10 @@ def test_run_reward_learns_a_learnable_preference(tmp_path, repo_root, tiny_llam
 
 
 @pytest.mark.distributed
-def test_token_wise_with_normalizer_under_distributed_launch(tmp_path, repo_root, tiny_llama_dir, preference_dir):
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_token_wise_with_normalizer_under_distributed_launch(
+    tmp_path, repo_root, tiny_llama_dir, preference_dir, processes
+):
     config, values = reward_config(
         tmp_path,
         tiny_llama_dir,
@@ -143,19 +161,20 @@ def test_token_wise_with_normalizer_under_distributed_launch(tmp_path, repo_root
         do_eval=False,
     )
     # Started from inside rm/, like the seed's instructions.
-    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "1"]
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(processes)]
     command += ["--log_dir", str(tmp_path / "launch_log"), "run_reward.py", config]
     result = run(command, cwd=os.path.join(repo_root, "rm"))
-    logs = "".join(open(os.path.join(tmp_path / "launch_log", f)).read() for f in os.listdir(tmp_path / "launch_log"))
-    assert result.returncode == 0, (result.stderr + logs)[-3000:]
+    assert result.returncode == 0, launch_failure_report(result, tmp_path / "launch_log")
 
     output_dir = values["output_dir"]
     eval_results = read_json(os.path.join(output_dir, "eval_results.json"))
-    print(f"tiny RM (token-wise, normalised, 1 epoch): eval_accuracy = {eval_results['eval_accuracy']:.3f}")
+    accuracy = eval_results["eval_accuracy"]
+    print(f"tiny RM (token-wise, normalised, 1 epoch, {processes} process(es)): eval_accuracy = {accuracy:.3f}")
     assert eval_results["eval_accuracy"] >= 0.85
     saved = read_json(os.path.join(output_dir, "config.json"))
     assert saved["do_normalize"] is True and saved["normalizer_type"] == "RunningMeanStd"
-    assert saved["count"] == 2 * NUM_TRAIN_PAIRS  # every better and worse end score, once
+    # Every better and worse end score once: with 2 processes each sees half and they all-gather.
+    assert saved["count"] == 2 * NUM_TRAIN_PAIRS
     assert saved["var"][0] > 0
 
 
@@ -204,15 +223,30 @@ def test_training_step_updates_normalizer_from_raw_end_scores(trainer_parts):
             paddle.concat([batch["better_attention_mask"], batch["worse_attention_mask"]]),
             normalize=False,
         ).end_scores.numpy()
+    raw_loss = sequence_wise_loss(paddle.to_tensor(raw[:8, 0]), paddle.to_tensor(raw[8:, 0]), 0.001)
     loss = trainer.compute_loss(model, batch)
-    assert np.isfinite(float(loss))
+    # The loss sees scores normalised with the statistics that include this batch.
+    assert float(loss) != pytest.approx(float(raw_loss), rel=1e-3)
     assert model.normalizer.count == 16 and model.config.count == 16
     np.testing.assert_allclose(model.normalizer.mean, raw.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(model.config.var, raw.var(axis=0), rtol=1e-4)
+    normalised = (raw - model.normalizer.mean) / np.sqrt(model.normalizer.var + 1e-8)
+    expected = sequence_wise_loss(paddle.to_tensor(normalised[:8, 0]), paddle.to_tensor(normalised[8:, 0]), 0.001)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
     # Evaluation does not move the statistics.
     model.eval()
     trainer.prediction_step(model, batch, prediction_loss_only=False)
     assert model.normalizer.count == 16
+
+
+def test_statistics_are_tracked_without_normalising_the_loss(trainer_parts):
+    trainer, model, batch = trainer_parts(normalizer_type="ExponentialMovingAverage")
+    model.train()
+    with paddle.no_grad():
+        raw = [model(batch[f"{kind}_input_ids"], batch[f"{kind}_attention_mask"]).end_scores for kind in PAIR_KINDS]
+    loss = trainer.compute_loss(model, batch)
+    assert float(loss) == pytest.approx(float(sequence_wise_loss(raw[0][:, 0], raw[1][:, 0], 0.001)), rel=1e-4)
+    assert model.normalizer.count == 16 and model.config.do_normalize is False
 
 
 def test_prediction_step_and_metrics(trainer_parts):
