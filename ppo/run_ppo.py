@@ -34,6 +34,18 @@ def model_dtype(args: PPOTrainingArguments) -> str:
     return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
 
 
+def model_config(path: str, args: PPOTrainingArguments, recompute: bool = False):
+    """The checkpoint's config with this run's dtype, recompute and tensor-parallel placement."""
+    config = AutoConfig.from_pretrained(path)
+    config.dtype = model_dtype(args)
+    config.recompute = recompute
+    config.tensor_parallel_degree = args.tensor_parallel_degree
+    config.tensor_parallel_rank = args.tensor_parallel_rank
+    # Log-probabilities need the full vocabulary on every rank, not this rank's slice of the logits.
+    config.tensor_parallel_output = False
+    return config
+
+
 def load_tokenizer(path: str):
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
@@ -54,7 +66,6 @@ def require_score_model(path: str, role: str) -> None:
 
 def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, training_args: PPOTrainingArguments):
     paddle.seed(training_args.seed)
-    dtype = model_dtype(training_args)
     tokenizer = load_tokenizer(model_args.actor_model_name_or_path)
     require_score_model(model_args.reward_model_name_or_path, "reward_model_name_or_path")
     reward_tokenizer = load_tokenizer(model_args.reward_model_name_or_path)
@@ -66,21 +77,25 @@ def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, tr
             "vocabulary (e.g. a score model initialised from the SFT model)"
         )
 
-    actor = AutoModelForCausalLM.from_pretrained(model_args.actor_model_name_or_path, dtype=dtype)
-    reference = AutoModelForCausalLM.from_pretrained(model_args.actor_model_name_or_path, dtype=dtype)
-    if training_args.recompute:
-        actor.config.recompute = True
+    actor_path = model_args.actor_model_name_or_path
+    actor = AutoModelForCausalLM.from_pretrained(
+        actor_path, config=model_config(actor_path, training_args, recompute=training_args.recompute)
+    )
+    reference = AutoModelForCausalLM.from_pretrained(actor_path, config=model_config(actor_path, training_args))
+    reward_path = model_args.reward_model_name_or_path
     reward_model = AutoModelForScore.from_pretrained(
-        model_args.reward_model_name_or_path,
-        dtype=dtype,
+        reward_path,
+        config=model_config(reward_path, training_args),
         score_type="reward",
         do_normalize=training_args.normalize_reward,
     )
+    critic_path = model_args.reward_critic_model_name_or_path
     critic = AutoModelForScore.from_pretrained(
-        model_args.reward_critic_model_name_or_path, dtype=dtype, score_type="critic", do_normalize=False
+        critic_path,
+        config=model_config(critic_path, training_args, recompute=training_args.critic_recompute),
+        score_type="critic",
+        do_normalize=False,
     )
-    if training_args.critic_recompute:
-        critic.config.recompute = True
 
     # Prompts must leave room for at least one generated token.
     train_dataset = PromptOnlyDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length - 1, seed=training_args.seed)
