@@ -6,55 +6,14 @@ import pytest
 
 from ppo.data import DATA_DIR_ENV, PROMPT_INPUT
 
-# The example as README.md shows it. When README.md holds a python block defining `MyRawDataset`,
-# that block is what runs; this copy stands in until then.
-README_EXAMPLE = '''
-from datasets import load_dataset
-from paddlenlp.transformers import AutoTokenizer
-from ppo.data import PreferenceDataset, RawDataset, RawSample, SupervisedDataset
-
-class MyRawDataset(RawDataset):
-    NAME = 'my-dataset-name'
-
-    def __init__(self, path=None) -> None:
-        # Load a dataset from Hugging Face or any other data source
-        # self.data = load_dataset(path or 'my-organization/my-dataset')['train']
-        self.data = [{
-            'col1': 'question',
-            'col2': 'answer1',
-            'col3': 'answer2',
-            'col4': 1,  # score of answer1
-            'col5': 2  # score of answer2
-        }] * 10  # dummy data for example
-
-    def __getitem__(self, index: int) -> RawSample:
-        data = self.data[index]
-        # Construct a `RawSample` dictionary from your custom dataset item
-        return RawSample(
-            input=data['col1'],
-            answer=data['col2'],
-            other_answer=data['col3'],
-            better=float(data['col4']) > float(data['col5']),
-        )
-
-    def __len__(self) -> int:
-        return len(self.data)  # dataset size
-
-tokenizer = AutoTokenizer.from_pretrained('facebook/llama-7b')
-# SFT reads (input, answer): 75% of alpaca mixed with half of the custom data
-sft_dataset = SupervisedDataset({'alpaca': 0.75, 'my-dataset-name': 0.5}, tokenizer)
-# Reward modelling reads answer pairs (input, answer, other_answer, better)
-preference_dataset = PreferenceDataset({'PKU-SafeRLHF-30K/train': 1.0, 'my-dataset-name': 0.5}, tokenizer)
-'''
-
 TOKENIZER_NAME = "'facebook/llama-7b'"
 
 
 def example_text(repo_root):
     readme = (repo_root / "README.md").read_text(encoding="utf-8")
     blocks = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "class MyRawDataset" in block]
-    assert len(blocks) <= 1, "README.md should show the custom-dataset example once"
-    return blocks[0] if blocks else README_EXAMPLE
+    assert len(blocks) == 1, "README.md should show the custom-dataset example exactly once"
+    return blocks[0]
 
 
 def test_readme_custom_dataset_example_runs_verbatim(repo_root, test_data_dir, tiny_tokenizer_dir, dataset_registry, monkeypatch):
