@@ -6,6 +6,7 @@ They let every stage run on a laptop CPU without a model hub: the tests, the tin
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from typing import Iterable, Optional
@@ -62,26 +63,30 @@ def build_tokenizer(
     if not lines:
         raise ValueError("build_tokenizer needs at least one non-empty line of text")
     os.makedirs(output_dir, exist_ok=True)
+    # Train in memory: a file prefix would be recorded inside the model and make rebuilds differ.
+    model_bytes = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model_bytes,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        pad_piece="<pad>",
+        # Tiny corpora cannot fill a large vocabulary; do not fail, use what is learnable.
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
     with tempfile.TemporaryDirectory() as work_dir:
-        prefix = os.path.join(work_dir, "sp")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_prefix=prefix,
-            vocab_size=vocab_size,
-            model_type="bpe",
-            byte_fallback=True,
-            character_coverage=1.0,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-            pad_piece="<pad>",
-            # Tiny corpora cannot fill a large vocabulary; do not fail, use what is learnable.
-            hard_vocab_limit=False,
-            num_threads=1,
-            minloglevel=2,
-        )
-        tokenizer = LlamaTokenizer(vocab_file=prefix + ".model", pad_token="<pad>")
+        model_file = os.path.join(work_dir, "sp.model")
+        with open(model_file, "wb") as f:
+            f.write(model_bytes.getvalue())
+        tokenizer = LlamaTokenizer(vocab_file=model_file, pad_token="<pad>")
         tokenizer.save_pretrained(output_dir)
     return tokenizer
 
