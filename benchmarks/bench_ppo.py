@@ -89,7 +89,7 @@ class PhaseClock:
 
         def timed(*args, **kwargs):
             if starts_step:
-                self.steps.append(defaultdict(float, start=time.perf_counter()))
+                self.steps.append(defaultdict(float, start=time.perf_counter(), cpu_start=time.process_time()))
             begin = time.perf_counter()
             try:
                 return original(*args, **kwargs)
@@ -183,11 +183,13 @@ def main(argv=None):
 
     with Window() as window:
         trainer.train()
-        train_end = time.perf_counter()
+        train_end, train_end_cpu = time.perf_counter(), time.process_time()
     rss = peak_rss_mib()
 
     starts = [step["start"] for step in clock.steps] + [train_end]
     step_seconds = [starts[i + 1] - starts[i] for i in range(len(clock.steps))]
+    cpu_starts = [step["cpu_start"] for step in clock.steps] + [train_end_cpu]
+    step_cpu_seconds = [cpu_starts[i + 1] - cpu_starts[i] for i in range(len(clock.steps))]
     # The last step's interval also holds the final model save; count it only if it is all we have.
     measured = list(range(args.warmup, len(clock.steps) - 1)) or [len(clock.steps) - 1]
     phases = {}
@@ -207,6 +209,7 @@ def main(argv=None):
         "generation_phase_tokens_per_second": round(generation_tps, 1),
         "phases": phases,
         "peak_rss_mib": round(rss, 1),
+        "step_own_cpu_seconds_median": round(statistics.median(step_cpu_seconds[i] for i in measured), 4),
         "step_seconds_all": [round(s, 4) for s in step_seconds],
         "measured_steps": len(measured),
         "rollout_backend": trainer.engine.backend,

@@ -1,0 +1,80 @@
+"""Summarise a compare_trl.sh results folder: medians over rounds of ours and the TRL peer's
+numbers, and the ratios the issue's targets are stated in. The last line is JSON.
+
+Usage: python benchmarks/compare_summary.py RESULTS_DIR
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+import sys
+
+TARGETS = {
+    "ppo_step_throughput_vs_trl": 2.0,
+    "rollout_vs_hf_generate": 1.5,
+    "rollout_vs_paddlenlp_generate": 5.0,
+}
+
+
+def load(folder: str, pattern: str) -> list:
+    return [json.load(open(path)) for path in sorted(glob.glob(os.path.join(folder, pattern)))]
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def summarise(folder: str) -> dict:
+    peer_gen, ours_gen = load(folder, "peer_generate_*.json"), load(folder, "ours_generate_*.json")
+    peer_ppo, ours_ppo = load(folder, "peer_ppo_*.json"), load(folder, "ours_ppo_*.json")
+    if not (peer_gen and ours_gen and peer_ppo and ours_ppo):
+        raise SystemExit(f"{folder} lacks one of peer/ours generate/ppo results")
+    numbers = {
+        "hf_generate_tokens_per_second": median(r["generate_use_cache"]["tokens_per_s"] for r in peer_gen),
+        "engine_tokens_per_second": median(r["tokens_per_second"]["engine"] for r in ours_gen),
+        "paddlenlp_generate_tokens_per_second": median(r["tokens_per_second"].get("paddlenlp_generate") for r in ours_gen),
+        "compute_floor_tokens_per_second": median(r["compute_floor_tokens_per_second"] for r in ours_gen),
+        "trl_ppo_step_seconds": median(r["step_s_median"] for r in peer_ppo),
+        "ppo_step_seconds": median(r["ppo_step_seconds"] for r in ours_ppo),
+        "trl_peak_rss_mib": median(r["peak_rss_mib"] for r in peer_ppo),
+        "peak_rss_mib": median(r["peak_rss_mib"] for r in ours_ppo),
+        "hf_fwd_bwd_8x96_seconds": median(r["fwd_bwd"]["s_median"] for r in peer_gen),
+        "ours_phases_seconds": {phase: median(r["phases"][phase] for r in ours_ppo) for phase in ours_ppo[0]["phases"]},
+        "trl_generation_phase_seconds": median(r["gen_phase_s_median"] for r in peer_ppo),
+    }
+    ratios = {
+        "ppo_step_throughput_vs_trl": round(numbers["trl_ppo_step_seconds"] / numbers["ppo_step_seconds"], 2),
+        "rollout_vs_hf_generate": round(numbers["engine_tokens_per_second"] / numbers["hf_generate_tokens_per_second"], 2),
+        "peak_rss_vs_trl": round(numbers["peak_rss_mib"] / numbers["trl_peak_rss_mib"], 2),
+    }
+    if numbers["paddlenlp_generate_tokens_per_second"]:
+        ratios["rollout_vs_paddlenlp_generate"] = round(
+            numbers["engine_tokens_per_second"] / numbers["paddlenlp_generate_tokens_per_second"], 2
+        )
+    met = {name: ratios[name] >= target for name, target in TARGETS.items() if name in ratios}
+    met["peak_rss_vs_trl"] = ratios["peak_rss_vs_trl"] <= 1.0
+    environment = ours_gen[0].get("environment", {})
+    return {"rounds": len(ours_gen), "numbers": numbers, "ratios": ratios, "targets_met": met,
+            "ours_environment": environment}
+
+
+def main():
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    summary = summarise(sys.argv[1])
+    for name, value in summary["numbers"].items():
+        print(f"{name:40s} {value}")
+    for name, value in summary["ratios"].items():
+        target = TARGETS.get(name)
+        note = f"(target {'<=' if name == 'peak_rss_vs_trl' else '>='} {target if target else 1.0}: " \
+               f"{'met' if summary['targets_met'][name] else 'NOT met'})"
+        print(f"{name:40s} {value:6.2f}  {note}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
