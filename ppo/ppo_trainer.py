@@ -13,12 +13,21 @@ Step accounting: one *optimizer step* = `gradient_accumulation_steps` micro-batc
 `save_steps` and `eval_steps` all count optimizer steps. A rollout of
 `per_device_prompt_batch_size × num_return_sequences` responses gives
 `update_iters × micro_batches / gradient_accumulation_steps` optimizer steps.
+
+Several processes (`paddle.distributed.launch`): each data-parallel replica takes its own slice of
+every global prompt batch and samples from its own RNG stream; rollout statistics, whitening and
+logged metrics are reduced across replicas so that every rank logs the values one process would
+log for the whole global batch; only rank 0 writes logs and checkpoint files shared by all ranks.
+Under pipeline parallel (and sharding stage3) the trained models cannot generate: a rollout copy
+(`RolloutCopy`) generates and scores, refreshed from the trained weights before each rollout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, fields
@@ -44,49 +53,55 @@ from ppo.checkpoint import (
 )
 from ppo.comm_utils import (
     OffloadManager,
-    all_reduce_mean,
+    all_ranks_finite,
+    all_reduce_max,
+    all_reduce_sum,
+    global_masked_whiten,
     is_distributed,
     layer_movers,
+    managed_offload_objects,
     optimizer_movers,
+    reduce_metrics,
 )
 from ppo.experience import Experience, PromptBatch
 from ppo.infer_utils import RolloutEngine, RolloutOutput
 from ppo.model_io import load_model_weights, save_model_dir, tokenizers_match
-from ppo.models.ppo_model_utils import (
-    action_mask_from,
-    explained_variance,
-    gather_log_probs,
-    kl_divergence_per_token,
-    make_position_ids,
-    masked_mean,
-    masked_sum,
-    response_lengths,
-)
+from ppo.models.ppo_model_utils import action_mask_from, gather_log_probs, make_position_ids, response_lengths
 from ppo.plotting import plot_training_curves
 from ppo.trainer_utils import (
     EpochSampler,
+    GradientSync,
     MetricTracker,
     NonFiniteLossError,
     PolicyTrainer,
+    RolloutCopy,
+    RolloutRandomState,
     StepStats,
     ValueTrainer,
     batch_iterator,
+    copy_parameters,
     current_learning_rate,
     logits_of,
+    mean_stats,
     optimizer_step,
+    rollout_metrics,
+    rollout_sums,
 )
 
 METRICS_FILE = "ppo_metrics.jsonl"
 CURVES_FILE = "training_curves.png"
 PENDING_EXPERIENCE_NAME = "pending_experience.pdparams"
+ROLLOUT_RNG_NAME = "rollout_rng_state"
 
-# Which offloadable objects each phase uses (see `OffloadManager`).
+# Which offloadable objects each phase uses (see `OffloadManager`). "actor_rollout_model" and
+# "critic_rollout_model" are the rollout copies, or the trained models themselves without copies.
 PHASE_NEEDS = {
-    "rollout": ("actor_model",),
-    "score": ("actor_model", "reference_model", "reward_model", "critic_model"),
+    "rollout": ("actor_rollout_model",),
+    "score": ("actor_rollout_model", "reference_model", "reward_model", "critic_rollout_model"),
     "train": ("actor_model", "critic_model", "actor_optimizer", "critic_optimizer"),
-    "eval": ("actor_model", "reward_model"),
+    "eval": ("actor_rollout_model", "reward_model"),
     "save": ("actor_model", "critic_model", "actor_optimizer", "critic_optimizer"),
+    "refresh": ("actor_model", "critic_model", "actor_rollout_model", "critic_rollout_model"),
 }
 
 
@@ -114,13 +129,25 @@ class PPOTrainer:
         eval_dataset=None,
         ptx_dataset=None,
         callbacks=None,
+        actor_rollout_model=None,
+        critic_rollout_model=None,
     ):
+        """`actor_rollout_model` / `critic_rollout_model`: optional non-training copies that
+        generate and score rollouts instead of the trained models (required under pipeline
+        parallel, see `ppo.run_ppo.build_models`); they are refreshed from the trained weights
+        before every rollout that follows an optimizer step."""
         self.args = args
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.actor_model, self.critic_model = actor_model, critic_model
         self.reference_model, self.reward_model = reference_model, reward_model
-        for frozen in (reference_model, reward_model):
+        self.rollout_copies: Dict[str, RolloutCopy] = {}
+        for role, source, copy in (("actor", actor_model, actor_rollout_model), ("critic", critic_model, critic_rollout_model)):
+            if copy is not None:
+                self.rollout_copies[role] = RolloutCopy(copy, self._weight_refresher(source, copy))
+        _check_rollout_copies(args, self.rollout_copies)
+        # Frozen models are never wrapped for data/sharding parallelism: only the two Trainers wrap.
+        for frozen in (reference_model, reward_model, *(copy.model for copy in self.rollout_copies.values())):
             frozen.eval()
             for parameter in frozen.parameters():
                 parameter.stop_gradient = True
@@ -135,7 +162,7 @@ class PPOTrainer:
             trainer.pop_callback(ProgressCallback)
 
         self.engine = RolloutEngine(
-            actor_model,
+            self.rollout_actor,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             use_fusemt=args.use_fusemt,
@@ -155,10 +182,14 @@ class PPOTrainer:
             )
             self.ptx_batches = batch_iterator(ptx_dataset, self.ptx_sampler, ptx_dataset.get_collator())
 
+        # One stream per data-parallel replica (see RolloutRandomState); single process: args.seed.
+        self.rollout_rng = RolloutRandomState(args.seed + args.dataset_rank)
         self.state = PPOState()
         self.tracker = MetricTracker()
         self.max_steps = self._resolve_max_steps()
         self.offload = None  # built once the optimizers exist (see `train`)
+        self._wrapped: Dict[str, object] = {}  # role -> the model as wrapped for training
+        self._gradient_sync: Dict[str, GradientSync] = {}
 
     # ------------------------------------------------------------------------------------------
     # Set-up
@@ -177,6 +208,38 @@ class PPOTrainer:
     def is_main_process(self) -> bool:
         return self.args.process_index == 0
 
+    @property
+    def rollout_actor(self):
+        """The model that generates and gives the old log-probs."""
+        return self.rollout_copies["actor"].model if "actor" in self.rollout_copies else self.actor_model
+
+    @property
+    def rollout_critic(self):
+        """The model that gives the old values."""
+        return self.rollout_copies["critic"].model if "critic" in self.rollout_copies else self.critic_model
+
+    def _weight_refresher(self, source, copy):
+        """How a rollout copy gets the trained weights: from the pipeline stages (collective), from
+        the sharding stage3 shards (collective, PaddleNLP's own save-time gather), or by a plain
+        parameter copy (e.g. a rollout copy in another dtype)."""
+        args = self.args
+        if args.pipeline_parallel_degree > 1:
+            from ppo.models.parallel_utils import sync_eval_model_from_pipeline
+
+            return lambda: sync_eval_model_from_pipeline(source, copy, args.eval_mode)
+        if _uses_sharding_stage3(args):
+            role = "actor" if source is self.actor_model else "critic"
+
+            def gather_shards():
+                # One all-gather per rollout into host copies held by the (inner) layer's
+                # parameters, then one copy onto the rollout model: generation then runs without
+                # any collective, so ranks may finish decoding at different steps.
+                self._wrapped[role].get_all_parameters(convert2cpu=True)
+                copy_parameters(source, copy)
+
+            return gather_shards
+        return lambda: copy_parameters(source, copy)
+
     def _build_offload_manager(self) -> OffloadManager:
         movers = {
             "actor_model": layer_movers(self.actor_model),
@@ -186,40 +249,71 @@ class PPOTrainer:
             "actor_optimizer": optimizer_movers(self.actor_trainer.optimizer),
             "critic_optimizer": optimizer_movers(self.critic_trainer.optimizer),
         }
-        return OffloadManager(self.args.offload_targets, movers)
+        for role, copy in self.rollout_copies.items():
+            movers[f"{role}_rollout_model"] = layer_movers(copy.model)
+        args = self.args
+        managed = managed_offload_objects(args.offload_targets, args.sharding, args.offload_optim)
+        return OffloadManager(managed, movers)
+
+    def _object_name(self, name: str) -> str:
+        """Without a rollout copy, the rollout role is played by the trained model itself."""
+        for role in ("actor", "critic"):
+            if name == f"{role}_rollout_model" and role not in self.rollout_copies:
+                return f"{role}_model"
+        return name
 
     def _enter(self, phase: str) -> None:
-        self.offload.enter(phase, PHASE_NEEDS[phase])
+        if self.offload is not None:
+            self.offload.enter(phase, [self._object_name(name) for name in PHASE_NEEDS[phase]])
 
-    def _wrap_for_training(self, trainer):
-        if not is_distributed():
-            return trainer.model
-        # PaddleNLP has no public API for "wrap this model for the configured data/sharding
-        # parallelism"; `_wrap_model` is what its own loop calls, used here and only here.
-        return trainer._wrap_model(trainer.model)
+    def _require(self, *names: str) -> None:
+        if self.offload is not None:  # None until `train` (or a caller) builds the manager
+            self.offload.require(*(self._object_name(name) for name in names))
+
+    def _refresh_rollout_copies(self) -> None:
+        """Before a rollout or evaluation: bring stale copies up to date (same point on all ranks)."""
+        if any(copy.stale for copy in self.rollout_copies.values()):
+            self._enter("refresh")
+            for copy in self.rollout_copies.values():
+                copy.refresh()
+
+    def _wrap_for_training(self, role: str, trainer):
+        model = trainer.model
+        if is_distributed():
+            # PaddleNLP has no public API for "wrap this model for the configured data/sharding/
+            # pipeline parallelism"; `_wrap_model` is what its own loop calls, used here and only here.
+            model = trainer._wrap_model(trainer.model)
+        self._wrapped[role] = model
+        self._gradient_sync[role] = GradientSync(model, recompute=trainer.args.recompute)
+        return model
 
     # ------------------------------------------------------------------------------------------
     # Rollout and scoring
 
     @paddle.no_grad()
-    def generate(self, prompt_batch: PromptBatch, num_return_sequences: int) -> RolloutOutput:
-        prompt_length = prompt_batch.input_ids.shape[1]
+    def generate(self, prompt_batch: PromptBatch, num_return_sequences: int, longest_prompt: Optional[int] = None) -> RolloutOutput:
+        """Sample responses of at most max_length - `longest_prompt` tokens (default: this batch's
+        padded prompt width). Callers pass a length that does not depend on how the prompts are
+        split over processes, so that 1 and N processes give responses the same budget."""
+        prompt_length = longest_prompt if longest_prompt is not None else prompt_batch.prompt_length
         max_new_tokens = self.max_length - prompt_length
         if max_new_tokens < 1:
             raise ValueError(
                 f"prompts of {prompt_length} tokens leave no room to generate within max_length={self.max_length}"
             )
-        self.actor_model.eval()
-        return self.engine.generate(
-            prompt_batch.input_ids,
-            prompt_batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_return_sequences,
-            do_sample=True,
-            temperature=self.args.temperature,
-            top_p=self.args.top_p,
-            repetition_penalty=self.args.repetition_penalty,
-        )
+        self._require("actor_rollout_model")
+        self.rollout_actor.eval()
+        with self.rollout_rng.active():
+            return self.engine.generate(
+                prompt_batch.input_ids,
+                prompt_batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_return_sequences,
+                do_sample=True,
+                temperature=self.args.temperature,
+                top_p=self.args.top_p,
+                repetition_penalty=self.args.repetition_penalty,
+            )
 
     def _token_log_probs(self, model, input_ids, attention_mask, position_ids) -> paddle.Tensor:  # [B, L-1]
         with self.actor_trainer.autocast_smart_context_manager():
@@ -231,6 +325,7 @@ class PPOTrainer:
     @paddle.no_grad()
     def reward_scores(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor) -> paddle.Tensor:  # [B]
         """Reward-model end scores of whole sequences, re-tokenised when the RM's vocabulary differs."""
+        self._require("reward_model")
         if self.reward_tokenizer is not None:
             input_ids, attention_mask = self._retokenize_for_reward(input_ids, attention_mask)
         with self.actor_trainer.autocast_smart_context_manager():
@@ -261,10 +356,14 @@ class PPOTrainer:
     def make_experience(self, prompt_batch: PromptBatch) -> Experience:
         """Rollout, score with all four models, and compute rewards, advantages and returns."""
         args = self.args
+        self._refresh_rollout_copies()
         self._enter("rollout")
-        rollout = self.generate(prompt_batch, args.num_return_sequences)
+        # The longest prompt of the global batch (all replicas), as one process would see it.
+        longest_prompt = int(all_reduce_max(float(prompt_batch.prompt_length)))
+        rollout = self.generate(prompt_batch, args.num_return_sequences, longest_prompt)
         self._enter("score")
-        self.critic_model.eval()
+        self._require("actor_rollout_model", "reference_model", "critic_rollout_model")
+        self.rollout_critic.eval()
         chunks = []
         size = args.per_device_train_batch_size
         for start in range(0, rollout.sequences.shape[0], size):
@@ -272,14 +371,14 @@ class PPOTrainer:
             attention_mask = rollout.attention_mask[start : start + size]
             position_ids = make_position_ids(attention_mask)
             with self.actor_trainer.autocast_smart_context_manager():
-                values = self.critic_model(
+                values = self.rollout_critic(
                     input_ids=input_ids, attention_mask=attention_mask.astype("int64"), position_ids=position_ids
                 ).scores[:, :-1, 0]
             chunks.append(
                 dict(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
-                    old_log_probs=self._token_log_probs(self.actor_model, input_ids, attention_mask, position_ids),
+                    old_log_probs=self._token_log_probs(self.rollout_actor, input_ids, attention_mask, position_ids),
                     reference_log_probs=self._token_log_probs(self.reference_model, input_ids, attention_mask, position_ids),
                     old_values=values.astype("float32"),
                     reward_scores=self.reward_scores(input_ids, attention_mask),
@@ -299,29 +398,24 @@ class PPOTrainer:
             gamma=args.gamma,
             gae_lambda=args.gae_lambda,
             kl_estimator=args.kl_estimator,
-            whiten_advantages=args.whiten_advantages,
         )
-        rollout_metrics = self._rollout_metrics(experience)
-        self.tracker.add(rollout_metrics)
-        lengths = response_lengths(experience.action_mask)
-        self.tracker.add_max({"train/max_generated_length": float(lengths.max())})
-        self.state.latest_rollout_metrics = {**rollout_metrics, "train/max_generated_length": float(lengths.max())}
+        if args.whiten_advantages:
+            # Over the action tokens of every replica's rollout, as one process would on the whole batch.
+            experience = dataclasses.replace(
+                experience, advantages=global_masked_whiten(experience.advantages, experience.action_mask)
+            )
+        self._record_rollout_metrics(experience)
         return experience
 
-    def _rollout_metrics(self, experience: Experience) -> Dict[str, float]:
-        mask = experience.action_mask
-        kl = kl_divergence_per_token(experience.old_log_probs, experience.reference_log_probs, self.args.kl_estimator)
-        lengths = response_lengths(mask).astype("float32")
-        return {
-            "train/reward": float(experience.reward_scores.mean()),
-            "train/reward_with_kl_penalty": float(masked_sum(experience.rewards, mask) / experience.rewards.shape[0]),
-            # Sum over each response of the per-token KL, averaged over responses.
-            "train/kl_divergence": float(masked_sum(kl, mask) / kl.shape[0]),
-            "train/mean_generated_length": float(lengths.mean()),
-            "train/values": float(masked_mean(experience.old_values, mask)),
-            "train/returns": float(masked_mean(experience.returns, mask)),
-            "train/explained_variance": float(explained_variance(experience.old_values, experience.returns, mask)),
-        }
+    def _record_rollout_metrics(self, experience: Experience) -> None:
+        """Metrics of the global rollout (all replicas), identical on every rank."""
+        local = rollout_sums(experience, self.args.kl_estimator)
+        names = sorted(local)
+        metrics = rollout_metrics(dict(zip(names, all_reduce_sum([local[name] for name in names]))))
+        metrics["train/max_generated_length"] = all_reduce_max(float(response_lengths(experience.action_mask).max()))
+        self.tracker.add({name: value for name, value in metrics.items() if name != "train/max_generated_length"})
+        self.tracker.add_max({"train/max_generated_length": metrics["train/max_generated_length"]})
+        self.state.latest_rollout_metrics = metrics
 
     # ------------------------------------------------------------------------------------------
     # Updates
@@ -329,14 +423,28 @@ class PPOTrainer:
     def _update(self, micro_batches: List[Experience], actor_model, critic_model) -> bool:
         """One optimizer step of the actor and of the critic over accumulated micro-batches.
         Returns False (and leaves the weights untouched) when a loss was not finite."""
+        self._require("actor_model", "critic_model", "actor_optimizer", "critic_optimizer")
+        pipeline = self.args.pipeline_parallel_degree > 1
+        actor_sync, critic_sync = self._gradient_sync["actor"], self._gradient_sync["critic"]
         step_stats = []
         try:
-            for experience in micro_batches:
+            for index, experience in enumerate(micro_batches):
+                is_last = index == len(micro_batches) - 1
                 stats = StepStats()
                 ptx_batch = next(self.ptx_batches) if self.ptx_batches is not None else None
-                self.actor_trainer.training_step(actor_model, {"experience": experience, "stats": stats, "ptx_batch": ptx_batch})
-                self.critic_trainer.training_step(critic_model, {"experience": experience, "stats": stats})
+                with actor_sync.during(is_last):
+                    actor_loss = self.actor_trainer.training_step(
+                        actor_model, {"experience": experience, "stats": stats, "ptx_batch": ptx_batch}
+                    )
+                with critic_sync.during(is_last):
+                    critic_loss = self.critic_trainer.training_step(critic_model, {"experience": experience, "stats": stats})
                 step_stats.append(stats.values)
+            if pipeline:
+                # PaddleNLP's pipeline path buffers the micro-batches and runs forward and backward
+                # in the last training_step; our loss hooks never run, so check the losses it returns.
+                step_stats = [_check_pipeline_losses(actor_loss, critic_loss)]
+            actor_sync.finish()
+            critic_sync.finish()
         except NonFiniteLossError as error:
             self.actor_trainer.optimizer.clear_grad()
             self.critic_trainer.optimizer.clear_grad()
@@ -354,9 +462,11 @@ class PPOTrainer:
             return False
         optimizer_step(self.actor_trainer)
         optimizer_step(self.critic_trainer)
+        for copy in self.rollout_copies.values():
+            copy.stale = True
         self.state.consecutive_nonfinite_steps = 0
-        for values in step_stats:
-            self.tracker.add({f"train/{name}": value for name, value in values.items()})
+        # Reduced per step so that every rank's tracker (saved by rank 0 in checkpoints) is the same.
+        self.tracker.add({f"train/{name}": value for name, value in reduce_metrics(mean_stats(step_stats)).items()})
         return True
 
     def _train_on(self, work: RolloutWork, actor_model, critic_model, progress) -> bool:
@@ -386,7 +496,7 @@ class PPOTrainer:
             logs = {**self.state.latest_rollout_metrics, **self.tracker.pop()}
             logs["train/actor_lr"] = current_learning_rate(self.actor_trainer)
             logs["train/critic_lr"] = current_learning_rate(self.critic_trainer)
-            self.log(all_reduce_mean(logs))
+            self.log(logs)  # already identical on every rank (see _record_rollout_metrics, _update)
             progress.set_postfix(
                 reward=f"{logs.get('train/reward', float('nan')):.3f}",
                 kl=f"{logs.get('train/kl_divergence', float('nan')):.3f}",
@@ -404,8 +514,8 @@ class PPOTrainer:
         resume_path = resolve_resume_path(resume_from_checkpoint, args.output_dir)
         self.actor_trainer.create_optimizer_and_scheduler(num_training_steps=self.max_steps)
         self.critic_trainer.create_optimizer_and_scheduler(num_training_steps=self.max_steps)
-        actor_model = self._wrap_for_training(self.actor_trainer)
-        critic_model = self._wrap_for_training(self.critic_trainer)
+        actor_model = self._wrap_for_training("actor", self.actor_trainer)
+        critic_model = self._wrap_for_training("critic", self.critic_trainer)
         self.offload = self._build_offload_manager()
         work = self.load_checkpoint(resume_path) if resume_path else None
         if self.is_main_process:
@@ -443,26 +553,30 @@ class PPOTrainer:
 
     @paddle.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Mean reward-model score of the actor's generations on the eval prompts (this rank's
-        share, averaged over ranks); a few samples go to output_dir/eval_samples/."""
+        """Mean reward-model score of the actor's generations on the eval prompts (each
+        data-parallel replica takes its share; means over all of them); a few samples go to
+        output_dir/eval_samples/."""
         args = self.args
+        self._refresh_rollout_copies()
         self._enter("eval")
         dataset = self.eval_dataset
-        indices = list(range(args.process_index, len(dataset), args.world_size))
+        indices = list(range(args.dataset_rank, len(dataset), args.dataset_world_size))
         collate = dataset.get_collator()
-        scores, lengths, samples = [], [], []
+        # One budget for the whole eval set, whatever batches this rank happens to form.
+        longest_prompt = max(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
+        score_sum, length_sum, samples = 0.0, 0.0, []
         for start in range(0, len(indices), args.per_device_eval_batch_size):
             batch = collate([dataset[i] for i in indices[start : start + args.per_device_eval_batch_size]])
-            rollout = self.generate(PromptBatch.from_collated(batch), num_return_sequences=1)
+            rollout = self.generate(PromptBatch.from_collated(batch), num_return_sequences=1, longest_prompt=longest_prompt)
             batch_scores = self.reward_scores(rollout.sequences, rollout.attention_mask)
-            scores.extend(batch_scores.tolist())
+            score_sum += float(batch_scores.astype("float64").sum())
             action_mask = action_mask_from(rollout.attention_mask, rollout.prompt_length)
-            lengths.extend(response_lengths(action_mask).tolist())
+            length_sum += float(response_lengths(action_mask).astype("float64").sum())
             if len(samples) < args.num_eval_samples_to_save:
                 samples.extend(self._decode_samples(rollout, batch_scores))
-        metrics = all_reduce_mean(
-            {"eval/reward": sum(scores) / max(len(scores), 1), "eval/mean_generated_length": sum(lengths) / max(len(lengths), 1)}
-        )
+        # Tensor/pipeline ranks of one replica repeat its sums; the ratios are unchanged.
+        score_sum, length_sum, count = all_reduce_sum([score_sum, length_sum, float(len(indices))])
+        metrics = {"eval/reward": score_sum / max(count, 1.0), "eval/mean_generated_length": length_sum / max(count, 1.0)}
         if self.is_main_process:
             directory = os.path.join(args.output_dir, "eval_samples")
             os.makedirs(directory, exist_ok=True)
@@ -549,6 +663,8 @@ class PPOTrainer:
             if self.is_main_process:
                 paddle.save(trainer.lr_scheduler.state_dict(), os.path.join(staging, f"{role}_scheduler.pdparams"))
         save_rng_state(os.path.join(staging, f"rng_state.rank{rank}.pkl"))
+        with open(os.path.join(staging, f"{ROLLOUT_RNG_NAME}.rank{rank}.pkl"), "wb") as f:
+            pickle.dump(self.rollout_rng.state, f)
         if work is not None:
             experience = {f.name: getattr(work.experience, f.name) for f in fields(work.experience)}
             paddle.save(experience, os.path.join(staging, f"{PENDING_EXPERIENCE_NAME}.rank{rank}"))
@@ -585,6 +701,10 @@ class PPOTrainer:
             load_portable_optimizer_state(trainer.optimizer, trainer.model, paddle.load(optimizer_file))
             trainer.lr_scheduler.set_state_dict(paddle.load(os.path.join(path, f"{role}_scheduler.pdparams")))
         load_rng_state(os.path.join(path, f"rng_state.rank{rank}.pkl"))
+        with open(os.path.join(path, f"{ROLLOUT_RNG_NAME}.rank{rank}.pkl"), "rb") as f:
+            self.rollout_rng.state = pickle.load(f)  # written by save_checkpoint above
+        for copy in self.rollout_copies.values():
+            copy.stale = True
         self.prompt_sampler.state = self.state.prompt_sampler
         if self.ptx_sampler is not None:
             self.ptx_sampler.state = self.state.ptx_sampler
@@ -593,6 +713,36 @@ class PPOTrainer:
             return None
         experience = Experience(**paddle.load(os.path.join(path, f"{PENDING_EXPERIENCE_NAME}.rank{rank}")))
         return RolloutWork(experience, self.state.pending_update_iter, self.state.pending_micro_batch)
+
+
+def _uses_sharding_stage3(args) -> bool:
+    return any(str(getattr(option, "value", option)) == "stage3" for option in (args.sharding or ()))
+
+
+def _check_rollout_copies(args, copies: Dict[str, RolloutCopy]) -> None:
+    """A pipeline-parallel model holds one stage per rank and cannot generate or score a whole
+    sequence; sharding stage3 holds parameter shards that generation would have to re-gather at
+    every decoded token."""
+    if args.pipeline_parallel_degree > 1 and sorted(copies) != ["actor", "critic"]:
+        raise ValueError(
+            "pipeline parallel PPO needs actor_rollout_model and critic_rollout_model (non-pipeline models built "
+            "with ppo.models.parallel_utils.eval_model_config for eval_mode); ppo.run_ppo.build_models builds them"
+        )
+    if _uses_sharding_stage3(args) and "actor" not in copies:
+        raise ValueError(
+            "sharding stage3 PPO needs actor_rollout_model: a plain copy of the actor that generates from weights "
+            "gathered once per rollout; ppo.run_ppo.build_models builds it"
+        )
+
+
+def _check_pipeline_losses(actor_loss: paddle.Tensor, critic_loss: paddle.Tensor) -> Dict[str, float]:
+    """The losses PaddleNLP's pipeline path returns (the same value on every stage), checked on all
+    ranks before anyone steps. The actor's includes ptx_coeff x the ptx loss: the Pipe policy
+    computes both in one last-stage loss."""
+    for name, loss in (("actor", actor_loss), ("critic", critic_loss)):
+        if not all_ranks_finite(loss):
+            raise NonFiniteLossError(f"non-finite {name} pipeline loss {float(loss)}")
+    return {"actor_pipeline_loss": float(actor_loss), "reward_critic_loss": float(critic_loss)}
 
 
 def _is_due(strategy, every: Optional[int], step: int) -> bool:

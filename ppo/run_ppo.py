@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 # Run as a script from the repo root or from ppo/: import through the package, never through
 # top-level `data`/`models` modules next to this file.
@@ -27,6 +30,12 @@ from ppo.cli import parse_config  # noqa: E402
 from ppo.data import PromptOnlyDataset, SupervisedDataset  # noqa: E402
 from ppo.model_io import tokenizers_match  # noqa: E402
 from ppo.models import AutoModelForScore  # noqa: E402
+from ppo.models.model_pp import PolicyLossConfig, ValueLossConfig, pipe_model_class  # noqa: E402
+from ppo.models.parallel_utils import (  # noqa: E402
+    causal_lm_class_for,
+    check_pipeline_ppo_arguments,
+    eval_model_config,
+)
 from ppo.ppo_trainer import PPOTrainer  # noqa: E402
 
 
@@ -64,6 +73,84 @@ def require_score_model(path: str, role: str) -> None:
         )
 
 
+def rollout_copy_mode(args: PPOTrainingArguments) -> Optional[str]:
+    """How the rollout copies of the actor/critic are built, or None when the trained models
+    generate and score themselves:
+
+    - "pipeline": each rank holds one pipeline stage; non-pipeline copies laid out by `eval_mode`
+      ("single": full model on every rank, "tensor_parallel": this rank's TP shard) generate and
+      score, synced from the stages;
+    - "gathered": sharding stage3 shards the actor's parameters; a plain full copy, gathered once
+      per rollout, generates (the critic's values go through its stage3 hooks like any forward).
+    """
+    if args.pipeline_parallel_degree > 1:
+        return "pipeline"
+    if any(str(getattr(option, "value", option)) == "stage3" for option in (args.sharding or ())):
+        return "gathered"
+    if args.eval_mode is not None:
+        logger.warning(f"eval_mode={args.eval_mode!r} only applies under pipeline parallel; ignored")
+    return None
+
+
+def trained_model_classes(model_type: str, args: PPOTrainingArguments):
+    """(policy class, value class) of the actor and critic: PaddleNLP Pipe variants with the PPO
+    losses in the last stage under pipeline parallel, the plain models otherwise."""
+    if args.pipeline_parallel_degree > 1:
+        return pipe_model_class(model_type, "policy"), pipe_model_class(model_type, "value")
+    return causal_lm_class_for(model_type), AutoModelForScore.model_class_for(model_type)
+
+
+@dataclass
+class PPOModels:
+    actor: object
+    reference: object
+    reward: object
+    critic: object
+    actor_rollout: Optional[object] = None
+    critic_rollout: Optional[object] = None
+
+
+def build_models(model_args: PPOModelArguments, args: PPOTrainingArguments) -> PPOModels:
+    """The four PPO models (+ rollout copies, see `rollout_copy_mode`). The frozen reference and
+    reward models are always plain models (tensor parallel when training is)."""
+    check_pipeline_ppo_arguments(args)
+    actor_path, critic_path = model_args.actor_model_name_or_path, model_args.reward_critic_model_name_or_path
+    actor_config = model_config(actor_path, args, recompute=args.recompute)
+    critic_config = model_config(critic_path, args, recompute=args.critic_recompute)
+    policy_class, _ = trained_model_classes(actor_config.model_type, args)
+    _, value_class = trained_model_classes(critic_config.model_type, args)
+    score_kwargs = dict(score_type="critic", do_normalize=False)
+    if args.pipeline_parallel_degree > 1:
+        actor = policy_class.from_pretrained(actor_path, config=actor_config, loss_config=PolicyLossConfig.from_args(args))
+        critic = value_class.from_pretrained(
+            critic_path, config=critic_config, loss_config=ValueLossConfig.from_args(args), **score_kwargs
+        )
+    else:
+        actor = policy_class.from_pretrained(actor_path, config=actor_config)
+        critic = value_class.from_pretrained(critic_path, config=critic_config, **score_kwargs)
+    reference = AutoModelForCausalLM.from_pretrained(actor_path, config=model_config(actor_path, args))
+    reward_path = model_args.reward_model_name_or_path
+    reward = AutoModelForScore.from_pretrained(
+        reward_path, config=model_config(reward_path, args), score_type="reward", do_normalize=args.normalize_reward
+    )
+    models = PPOModels(actor, reference, reward, critic)
+
+    mode = rollout_copy_mode(args)
+    if mode == "pipeline":
+        # Built with random weights; the trainer syncs them from the stages before the first rollout.
+        models.actor_rollout = _empty_model(causal_lm_class_for(actor.config.model_type), eval_model_config(actor.config, args.eval_mode))
+        models.critic_rollout = _empty_model(
+            AutoModelForScore.model_class_for(critic.config.model_type), eval_model_config(critic.config, args.eval_mode)
+        )
+    elif mode == "gathered":
+        models.actor_rollout = _empty_model(type(actor), copy.deepcopy(actor.config))
+    return models
+
+
+def _empty_model(model_class, config):
+    return model_class.from_config(config, dtype=config.dtype)
+
+
 def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, training_args: PPOTrainingArguments):
     paddle.seed(training_args.seed)
     tokenizer = load_tokenizer(model_args.actor_model_name_or_path)
@@ -76,26 +163,7 @@ def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, tr
             "scores every actor token; pass reward_critic_model_name_or_path pointing to a model with the actor's "
             "vocabulary (e.g. a score model initialised from the SFT model)"
         )
-
-    actor_path = model_args.actor_model_name_or_path
-    actor = AutoModelForCausalLM.from_pretrained(
-        actor_path, config=model_config(actor_path, training_args, recompute=training_args.recompute)
-    )
-    reference = AutoModelForCausalLM.from_pretrained(actor_path, config=model_config(actor_path, training_args))
-    reward_path = model_args.reward_model_name_or_path
-    reward_model = AutoModelForScore.from_pretrained(
-        reward_path,
-        config=model_config(reward_path, training_args),
-        score_type="reward",
-        do_normalize=training_args.normalize_reward,
-    )
-    critic_path = model_args.reward_critic_model_name_or_path
-    critic = AutoModelForScore.from_pretrained(
-        critic_path,
-        config=model_config(critic_path, training_args, recompute=training_args.critic_recompute),
-        score_type="critic",
-        do_normalize=False,
-    )
+    models = build_models(model_args, training_args)
 
     # Prompts must leave room for at least one generated token.
     train_dataset = PromptOnlyDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length - 1, seed=training_args.seed)
@@ -111,10 +179,12 @@ def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, tr
     )
     return PPOTrainer(
         args=training_args,
-        actor_model=actor,
-        reference_model=reference,
-        reward_model=reward_model,
-        critic_model=critic,
+        actor_model=models.actor,
+        reference_model=models.reference,
+        reward_model=models.reward,
+        critic_model=models.critic,
+        actor_rollout_model=models.actor_rollout,
+        critic_rollout_model=models.critic_rollout,
         tokenizer=tokenizer,
         reward_tokenizer=reward_tokenizer,
         train_dataset=train_dataset,

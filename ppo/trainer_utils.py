@@ -1,13 +1,16 @@
 """Pieces the PPO orchestration is built from: the two PaddleNLP Trainers (actor and critic)
-with their loss hooks, the optimizer step, a resumable sampler and metric accumulation.
+with their loss hooks, gradient synchronisation and the optimizer step, a resumable sampler,
+rollout statistics that reduce exactly across ranks, metric accumulation, the rollout RNG stream
+and rollout copies of the trained models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional
 
 import numpy as np
 import paddle
@@ -23,6 +26,8 @@ from ppo.models.ppo_model_utils import (
     critic_clipped_loss,
     entropy_from_logits,
     gather_log_probs,
+    kl_divergence_per_token,
+    response_lengths,
     supervised_lm_loss,
 )
 
@@ -119,10 +124,38 @@ def _raise_if_nonfinite(loss: paddle.Tensor) -> None:
         raise NonFiniteLossError(f"non-finite loss {float(loss)}")
 
 
+class GradientSync:
+    """When the data-parallel gradients of one optimizer step are all-reduced, as PaddleNLP's own
+    loop does it: `paddle.DataParallel` all-reduces during every backward, which is skipped
+    (`no_sync`) for all but the last accumulated micro-batch; with activation recomputation it is
+    skipped for all of them and done once by hand (recompute re-runs the forward inside backward,
+    which the reducer's hooks do not follow). Fleet's hybrid wrappers (sharding, tensor and
+    pipeline parallel) have no `no_sync`: their optimizer reduces the gradients in `step()`.
+    """
+
+    def __init__(self, model, recompute: bool):
+        self.model = model
+        self.available = hasattr(model, "no_sync")
+        self.manual = bool(recompute) and self.available
+
+    def during(self, is_last_micro_batch: bool) -> ContextManager:
+        if self.available and (self.manual or not is_last_micro_batch):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def finish(self) -> None:
+        """Call once after the last micro-batch's backward."""
+        if self.manual:
+            from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
+
+            fused_allreduce_gradients(list(self.model.parameters()), None)
+
+
 def optimizer_step(trainer: Trainer) -> None:
-    """One optimizer + scheduler step of a Trainer whose gradients were accumulated by
-    `training_step`, then clear the gradients. Mirrors what PaddleNLP's own loop does for the
-    plain, AMP-scaled and fleet-wrapped optimizers."""
+    """One optimizer + scheduler step of a Trainer whose gradients were accumulated (and
+    synchronised, see `GradientSync`) by `training_step`, then clear the gradients. Mirrors what
+    PaddleNLP's own loop does for the plain, AMP-scaled and fleet-wrapped optimizers (fleet's
+    `HybridParallelOptimizer.step` reduces sharded / data-parallel gradients itself)."""
     optimizer = trainer.optimizer
     stepped = True
     if trainer.do_grad_scaling:
@@ -133,7 +166,8 @@ def optimizer_step(trainer: Trainer) -> None:
         optimizer.step()
     if stepped:
         trainer.lr_scheduler.step()
-    optimizer.clear_grad()
+    # release_grads frees the gradient memory between steps instead of zeroing it.
+    optimizer.clear_grad(set_to_zero=not trainer.args.release_grads)
 
 
 def current_learning_rate(trainer: Trainer) -> float:
@@ -214,3 +248,139 @@ class MetricTracker:
         self.sums = defaultdict(float, state["sums"])
         self.counts = defaultdict(int, state["counts"])
         self.maxima = dict(state["maxima"])
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout statistics: sums that add up across ranks, and the metrics they give
+
+
+def rollout_sums(experience: Experience, kl_estimator: str) -> Dict[str, float]:
+    """Additive statistics of one rollout: summed over every rank they are exactly the statistics
+    of the union of the ranks' rollouts (float64 sums of per-token float32 values)."""
+    mask = experience.action_mask
+    valid = mask.numpy().astype(bool)
+
+    def token_values(x: paddle.Tensor) -> np.ndarray:  # [B, L-1] -> valid entries, float64
+        return x.astype("float32").numpy().astype(np.float64)[valid]
+
+    kl = kl_divergence_per_token(experience.old_log_probs, experience.reference_log_probs, kl_estimator)
+    values, returns = token_values(experience.old_values), token_values(experience.returns)
+    residual = returns - values
+    return {
+        "responses": float(experience.batch_size),
+        "tokens": float(valid.sum()),
+        "reward": float(experience.reward_scores.astype("float64").sum()),
+        "reward_with_kl_penalty": float(token_values(experience.rewards).sum()),
+        "kl": float(token_values(kl).sum()),
+        "length": float(response_lengths(mask).astype("float64").sum()),
+        "values": float(values.sum()),
+        "returns": float(returns.sum()),
+        "returns_squared": float(np.square(returns).sum()),
+        "residual": float(residual.sum()),
+        "residual_squared": float(np.square(residual).sum()),
+    }
+
+
+def rollout_metrics(sums: Dict[str, float]) -> Dict[str, float]:
+    """Metrics of a rollout from its (globally summed) `rollout_sums`: per-response means of the
+    reward, the KL-penalised reward and KL summed over each response, and the response length;
+    token means of values and returns; explained variance 1 - Var[R - V] / Var[R] over tokens
+    (0 when Var[R] = 0)."""
+    responses, tokens = max(sums["responses"], 1.0), max(sums["tokens"], 1.0)
+
+    def variance(total: float, squares: float) -> float:
+        return max(squares / tokens - (total / tokens) ** 2, 0.0)
+
+    returns_variance = variance(sums["returns"], sums["returns_squared"])
+    residual_variance = variance(sums["residual"], sums["residual_squared"])
+    return {
+        "train/reward": sums["reward"] / responses,
+        "train/reward_with_kl_penalty": sums["reward_with_kl_penalty"] / responses,
+        "train/kl_divergence": sums["kl"] / responses,
+        "train/mean_generated_length": sums["length"] / responses,
+        "train/values": sums["values"] / tokens,
+        "train/returns": sums["returns"] / tokens,
+        "train/explained_variance": 1.0 - residual_variance / returns_variance if returns_variance > 0 else 0.0,
+    }
+
+
+def mean_stats(step_stats: List[Dict[str, float]]) -> Dict[str, float]:
+    """Per-name mean over the micro-batches of one optimizer step (non-finite values skipped)."""
+    tracker = MetricTracker()
+    for values in step_stats:
+        tracker.add(values)
+    return tracker.pop()
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout randomness and rollout copies
+
+
+class RolloutRandomState:
+    """A paddle RNG stream reserved for rollout sampling, seeded per data-parallel replica.
+
+    PaddleNLP seeds the global generator per rank in a way that suits dropout, not rollout: in
+    plain data parallel every rank gets the same seed (so all ranks would draw the same noise for
+    their different prompts), and under pipeline parallel each stage gets another one (so the
+    stages, which all generate the same rollout, would sample different responses). This stream
+    depends only on `seed` and the data-parallel rank: the same on all tensor/pipeline ranks of
+    one replica, different between replicas. Outside `active()` the global generator is untouched.
+    """
+
+    def __init__(self, seed: int):
+        saved = paddle.get_rng_state()
+        paddle.seed(seed)
+        self.state = paddle.get_rng_state()
+        paddle.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def active(self):
+        saved = paddle.get_rng_state()
+        paddle.set_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = paddle.get_rng_state()
+            paddle.set_rng_state(saved)
+
+
+@paddle.no_grad()
+def copy_parameters(source: paddle.nn.Layer, target: paddle.nn.Layer) -> None:
+    """Copy every parameter of `source` into the same-named parameter of `target` (cast to the
+    target's dtype). Both must hold complete, identically named parameters."""
+    source_state = dict(source.named_parameters())
+    target_state = dict(target.named_parameters())
+    if sorted(source_state) != sorted(target_state):
+        difference = sorted(set(source_state) ^ set(target_state))
+        raise ValueError(f"{type(target).__name__} cannot be a copy of {type(source).__name__}: names differ {difference[:5]}")
+    for name, parameter in target_state.items():
+        value = source_state[name]
+        if list(value.shape) != list(parameter.shape):
+            raise ValueError(f"{name}: shape {list(value.shape)} cannot be copied into {list(parameter.shape)}")
+        parameter.set_value(value.astype(parameter.dtype) if value.dtype != parameter.dtype else value)
+
+
+@dataclass
+class RolloutCopy:
+    """A non-training copy of a trained model that generates and scores rollouts, refreshed from
+    the trained weights before it is next used after an optimizer step.
+
+    Needed when the trained model cannot run a rollout itself: a pipeline-parallel model holds one
+    stage per rank, a sharding stage3 model holds parameter shards. `refresh_weights` is
+    collective in those cases, so every rank must call `refresh` at the same points (the PPO loop
+    does: before each rollout, evaluation and nothing else).
+    """
+
+    model: paddle.nn.Layer
+    refresh_weights: Callable[[], None]
+    stale: bool = True
+    refreshes: int = 0
+
+    def refresh(self) -> bool:
+        """Bring the copy up to date; True when weights were copied."""
+        if not self.stale:
+            return False
+        self.refresh_weights()
+        self.stale = False
+        self.refreshes += 1
+        return True

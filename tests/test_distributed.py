@@ -1,0 +1,557 @@
+"""Data parallel and sharding stage 1 on 2 CPU processes (`paddle.distributed.launch
+--nproc_per_node 2`, gloo), each compared with ONE process trained on the same global batches.
+
+One launch per mode runs the three real entry points in turn (SFT `main`, reward `main`, PPO's
+`build_trainer` + `train`), with 2 processes x per-device batch B; the single-process references
+run in this process with batch B and gradient_accumulation_steps 2, so that every optimizer step
+averages the same two micro-batches (the losses are per-micro-batch token means, so a single batch
+of 2B would be a different objective). A third launch resumes PPO from a 2-process checkpoint.
+
+Rollout sampling cannot match draw for draw: each replica samples its responses from its own RNG
+stream with its own batch shape, and one process draws for all prompts at once. The PPO runs
+therefore sample with `top_p` = 1e-6 (only the most likely token survives the nucleus), which
+keeps the whole sampling path — temperature, top-p filter, multinomial draw — while making the
+responses a function of the weights alone; then the rollouts, the experience and every update
+are comparable between 1 and 2 processes.
+
+Sampler note: PaddleNLP shuffles with `paddle.io.BatchSampler` in one process but with
+`DistributedBatchSampler` (seeded by the epoch) in several, so the single-process SFT/RM
+references use a one-replica `DistributedBatchSampler`: same global order, same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+PROCESSES = 2
+NUM_PROMPTS = 16  # PPO: 4 rollouts of 2 x 2 prompts (one epoch)
+NUM_EVAL_PROMPTS = 6
+NUM_SFT_ROWS = 32  # 4 optimizer steps of 2 x 4 rows
+NUM_PAIRS = 32  # 4 optimizer steps of 2 x 4 pairs
+NUM_EVAL_ROWS = 16
+PPO_STEPS = 4
+MODES = ("dp", "stage1")
+WORDS = "red blue green cat dog bird tree water fish sun moon good bad happy small big".split()
+
+
+# =============================================================================================
+# Assets and configurations
+# =============================================================================================
+
+
+def _write_jsonl(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+def _phrase(rng, low, high):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def _pku_row(prompt, first, second, better):
+    return {
+        "prompt": prompt, "response_0": first, "response_1": second,
+        "is_response_0_safe": True, "is_response_1_safe": True,
+        "better_response_id": better, "safer_response_id": better,
+    }
+
+
+def write_assets(root: Path, base_model_dir: str) -> dict:
+    """A reward model initialised from the tiny Llama, and small data files in the alpaca and
+    PKU-SafeRLHF schemas (distinct prompts so that per-rank prompt sets can be told apart)."""
+    import paddle
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ppo.models import AutoModelForScore
+
+    rng = random.Random(0)
+    paddle.seed(7)
+    reward_dir = str(root / "reward")
+    AutoModelForScore.from_pretrained(base_model_dir, score_type="reward").save_pretrained(reward_dir)
+    AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(reward_dir)
+    prompts = [f"question {i}: {_phrase(rng, 2, 6)}?" for i in range(NUM_PROMPTS + NUM_EVAL_PROMPTS)]
+    sft_rows = []
+    for i in range(NUM_SFT_ROWS + NUM_EVAL_ROWS):
+        words = _phrase(rng, 2, 6)
+        sft_rows.append({"instruction": f"repeat {i}: {words}", "input": "", "output": words})
+    pairs = [_pku_row(_phrase(rng, 2, 6), _phrase(rng, 1, 6), _phrase(rng, 1, 6), rng.randint(0, 1))
+             for _ in range(NUM_PAIRS + NUM_EVAL_ROWS)]
+    return {
+        "base": base_model_dir,
+        "reward": reward_dir,
+        "prompts": _write_jsonl(root / "prompts.jsonl", [_pku_row(p, "yes", "no", 0) for p in prompts[:NUM_PROMPTS]]),
+        "eval_prompts": _write_jsonl(root / "eval_prompts.jsonl", [_pku_row(p, "yes", "no", 0) for p in prompts[NUM_PROMPTS:]]),
+        "sft": _write_jsonl(root / "sft.jsonl", sft_rows[:NUM_SFT_ROWS]),
+        "sft_eval": _write_jsonl(root / "sft_eval.jsonl", sft_rows[NUM_SFT_ROWS:]),
+        "pairs": _write_jsonl(root / "pairs.jsonl", pairs[:NUM_PAIRS]),
+        "pairs_eval": _write_jsonl(root / "pairs_eval.jsonl", pairs[NUM_PAIRS:]),
+    }
+
+
+def _parallel_settings(mode: str, processes: int) -> dict:
+    """Per-device batch sizes stay fixed; one process accumulates `PROCESSES` micro-batches."""
+    settings = {"gradient_accumulation_steps": PROCESSES // processes}
+    if mode == "stage1" and processes > 1:
+        settings.update(sharding="stage1", sharding_parallel_degree=processes)
+    return settings
+
+
+def sft_config(assets, output_dir, mode, processes) -> dict:
+    return {
+        "model_name_or_path": assets["base"],
+        "train_datasets": f"alpaca:1:{assets['sft']}",
+        "eval_datasets": f"alpaca:1:{assets['sft_eval']}",
+        "output_dir": str(output_dir),
+        "max_length": 48,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "num_train_epochs": 1,
+        "learning_rate": 3e-3,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 1,
+        "max_grad_norm": 1.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "evaluation_strategy": "no",
+        "do_train": True,
+        "report_to": ["none"],
+        "seed": 11,
+        "disable_tqdm": True,
+        **_parallel_settings(mode, processes),
+    }
+
+
+def rm_config(assets, output_dir, mode, processes) -> dict:
+    return {
+        "model_name_or_path": assets["base"],
+        "train_datasets": f"PKU-SafeRLHF/train:1:{assets['pairs']}",
+        "eval_datasets": f"PKU-SafeRLHF/test:1:{assets['pairs_eval']}",
+        "output_dir": str(output_dir),
+        "max_length": 48,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "num_train_epochs": 1,
+        "learning_rate": 3e-3,
+        "max_grad_norm": 1.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "evaluation_strategy": "no",
+        "do_train": True,
+        "report_to": ["none"],
+        "seed": 12,
+        "disable_tqdm": True,
+        # Statistics are tracked from the all-gathered end scores; training uses raw scores so that
+        # the loss does not depend on how many processes updated the statistics before it.
+        "normalizer_type": "RunningMeanStd",
+        "loss_type": "sequence-wise",
+        **_parallel_settings(mode, processes),
+    }
+
+
+def ppo_config(assets, output_dir, mode, processes) -> dict:
+    config = {
+        "actor_model_name_or_path": assets["base"],
+        "reward_model_name_or_path": assets["reward"],
+        "train_datasets": f"PKU-SafeRLHF/train:1:{assets['prompts']}",
+        "eval_datasets": f"PKU-SafeRLHF/test:1:{assets['eval_prompts']}",
+        "ptx_datasets": f"alpaca:1:{assets['sft']}",
+        "output_dir": str(output_dir),
+        "max_length": 56,
+        "max_steps": PPO_STEPS,
+        "per_device_prompt_batch_size": 2 * PROCESSES // processes,
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 2e-3,
+        "critic_learning_rate": 2e-3,
+        "critic_warmup_ratio": 0.0,
+        "lr_scheduler_type": "linear",
+        "max_grad_norm": 1.0,
+        "ptx_coeff": 0.5,
+        "whiten_advantages": True,  # over the global batch (all replicas)
+        "top_p": 1e-6,  # see the module docstring
+        "logging_steps": 1,
+        "evaluation_strategy": "steps",
+        "eval_steps": PPO_STEPS,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "offload_level": "freeze_model optimizer",
+        "report_to": ["none"],
+        "seed": 13,
+        "disable_tqdm": True,
+        **_parallel_settings(mode, processes),
+    }
+    if mode == "dp" and processes > 1:
+        # Recompute makes PaddleNLP-style training all-reduce data-parallel gradients by hand.
+        config.update(recompute=True, critic_recompute=True)
+    return config
+
+
+# =============================================================================================
+# Jobs (shared by the launched workers and the in-process references)
+# =============================================================================================
+
+
+def _rank() -> int:
+    import paddle.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def record_rollouts(trainer, path: str) -> None:
+    """Write every rollout this rank trains on (prompt and full token ids, padding removed).
+    Observation only: the experience passes through unchanged."""
+    make_experience = trainer.make_experience
+
+    def recording(prompt_batch):
+        experience = make_experience(prompt_batch)
+        rows = []
+        for ids, mask in zip(experience.input_ids.tolist(), experience.attention_mask.tolist()):
+            tokens = [token for token, keep in zip(ids, mask) if keep]
+            prompt = [t for t, keep in zip(ids[: experience.prompt_length], mask[: experience.prompt_length]) if keep]
+            rows.append({"prompt": prompt, "sequence": tokens})
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"rollout": trainer.state.rollouts_done, "rows": rows}) + "\n")
+        return experience
+
+    trainer.make_experience = recording
+
+
+def parameter_digest(model) -> dict:
+    return {name: float(np.abs(p.numpy().astype(np.float64)).sum()) for name, p in model.named_parameters()}
+
+
+def run_ppo_job(config_path: str, record_dir: str, tag: str) -> dict:
+    """PPO through `ppo.run_ppo.build_trainer` + `train`, recording rollouts; returns facts about
+    this rank that the files do not show."""
+    from ppo.arguments import PPODataArguments, PPOModelArguments, PPOTrainingArguments
+    from ppo.cli import parse_config
+    from ppo.run_ppo import build_trainer
+
+    model_args, data_args, training_args = parse_config(
+        [config_path], PPOModelArguments, PPODataArguments, PPOTrainingArguments
+    )
+    trainer = build_trainer(model_args, data_args, training_args)
+    frozen_before = {"reference": parameter_digest(trainer.reference_model), "reward": parameter_digest(trainer.reward_model)}
+    record_rollouts(trainer, os.path.join(record_dir, f"rollouts.{tag}.jsonl"))
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    frozen_after = {"reference": parameter_digest(trainer.reference_model), "reward": parameter_digest(trainer.reward_model)}
+    return {
+        "frozen_unchanged": frozen_before == frozen_after,
+        "frozen_wrapped": [name for name, model in (("reference", trainer.reference_model), ("reward", trainer.reward_model))
+                           if any(model is wrapped for wrapped in trainer._wrapped.values())],
+        "offload_events": trainer.offload.events,
+        "latest_rollout_metrics": trainer.state.latest_rollout_metrics,
+    }
+
+
+def _worker(work_dir: str, plan_name: str) -> None:
+    """Run the jobs of `plan_name` under paddle.distributed.launch; facts per rank go to JSON."""
+    with open(os.path.join(work_dir, f"{plan_name}.plan.json"), encoding="utf-8") as f:
+        plan = json.load(f)
+    facts = {}
+    for job, config_path in plan:
+        started = time.time()
+        if job == "sft":
+            from sft.run_sft import main as sft_main
+
+            sft_main([config_path])
+        elif job == "rm":
+            from rm.run_reward import main as reward_main
+
+            reward_main([config_path])
+        else:
+            facts[job] = run_ppo_job(config_path, work_dir, f"{plan_name}.rank{_rank()}")
+        print(f"JOB {job} took {time.time() - started:.1f}s", flush=True)
+    with open(os.path.join(work_dir, f"{plan_name}.rank{_rank()}.facts.json"), "w", encoding="utf-8") as f:
+        json.dump(facts, f)
+
+
+# =============================================================================================
+# Fixtures: the launches and the single-process references
+# =============================================================================================
+
+
+def _write_config(path: Path, config: dict) -> str:
+    path.write_text(json.dumps(config, indent=2))
+    return str(path)
+
+
+def launch(work_dir: Path, plan_name: str, plan) -> dict:
+    """Run this file's worker for `plan` ([(job, config path)]) on 2 processes; returns the
+    worker logs by name. Fails with the end of every worker log."""
+    (work_dir / f"{plan_name}.plan.json").write_text(json.dumps(plan))
+    log_dir = work_dir / f"{plan_name}.logs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    env.pop("PADDLE_TRAINERS_NUM", None)
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(PROCESSES),
+               "--log_dir", str(log_dir), __file__, str(work_dir), plan_name]
+    started = time.time()
+    result = subprocess.run(command, cwd=str(work_dir), env=env, capture_output=True, text=True, timeout=900)
+    logs = {path.name: path.read_text(errors="replace") for path in sorted(log_dir.glob("workerlog.*"))}
+    assert result.returncode == 0, "\n".join(f"--- {name}\n{text[-3000:]}" for name, text in logs.items()) or result.stderr[-3000:]
+    print(f"launch {plan_name}: {time.time() - started:.1f}s")
+    return logs
+
+
+def _same_order_sampler(trainer):
+    """PaddleNLP's multi-process sampler with one replica: the global batch order of a launch."""
+    from paddle.io import DistributedBatchSampler
+
+    args = trainer.args
+    return DistributedBatchSampler(
+        trainer.train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True,
+        num_replicas=1, rank=0, drop_last=args.dataloader_drop_last,
+    )
+
+
+def run_single_process(job: str, config_path: str, work_dir: Path) -> dict:
+    """The reference run of `job` in this process (same steps as the entry points' `main`)."""
+    from ppo.cli import parse_config
+
+    if job == "ppo":
+        return run_ppo_job(config_path, str(work_dir), "single")
+    if job == "sft":
+        from sft.run_sft import SftArguments as Arguments
+        from sft.run_sft import build_trainer
+    else:
+        from rm.run_reward import RewardArguments as Arguments
+        from rm.run_reward import build_trainer
+    from paddlenlp.trainer import set_seed
+
+    (args,) = parse_config([config_path], Arguments)
+    set_seed(args.seed)
+    trainer = build_trainer(args)
+    trainer._get_train_sampler = types.MethodType(_same_order_sampler, trainer)
+    train_metrics = trainer.train().metrics
+    trainer.save_model()
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_metrics("eval", trainer.evaluate())
+    return {}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama_dir):
+    """Both 2-process launches and their single-process references; output dirs by (job, run)."""
+    root = tmp_path_factory.mktemp("distributed")
+    assets = write_assets(root, tiny_llama_dir)
+    builders = {"sft": sft_config, "rm": rm_config, "ppo": ppo_config}
+    timings, outputs, logs = {}, {}, {}
+    for mode in MODES:
+        plan = []
+        for job, builder in builders.items():
+            outputs[job, mode] = root / f"{job}_{mode}"
+            plan.append((job, _write_config(root / f"{job}_{mode}.json", builder(assets, outputs[job, mode], mode, PROCESSES))))
+        started = time.time()
+        logs[mode] = launch(root, mode, plan)
+        timings[mode] = time.time() - started
+    started = time.time()
+    for job, builder in builders.items():
+        outputs[job, "single"] = root / f"{job}_single"
+        config_path = _write_config(root / f"{job}_single.json", builder(assets, outputs[job, "single"], "dp", 1))
+        facts = run_single_process(job, config_path, root)
+        if job == "ppo":
+            (root / "single.rank0.facts.json").write_text(json.dumps({"ppo": facts}))
+    timings["single"] = time.time() - started
+    print(f"timings: {timings}")
+    return types.SimpleNamespace(root=root, assets=assets, outputs=outputs, logs=logs, builders=builders)
+
+
+# =============================================================================================
+# Helpers for the comparisons
+# =============================================================================================
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def model_state(directory) -> dict:
+    import paddle
+
+    state = paddle.load(os.path.join(str(directory), "model_state.pdparams"))
+    return {name: value.numpy() for name, value in state.items()}
+
+
+def assert_same_weights(actual_dir, expected_dir, rtol=2e-4, atol=2e-5):
+    actual, expected = model_state(actual_dir), model_state(expected_dir)
+    assert sorted(actual) == sorted(expected)
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def assert_weights_moved(trained_dir, initial_dir):
+    trained, initial = model_state(trained_dir), model_state(initial_dir)
+    shared = [name for name in trained if name in initial]
+    assert any(not np.allclose(trained[name], initial[name]) for name in shared), "training did not change the weights"
+
+
+def assert_close_records(actual: dict, expected: dict, names, rtol=2e-4, atol=2e-5):
+    for name in names:
+        assert actual[name] == pytest.approx(expected[name], rel=rtol, abs=atol), name
+
+
+def facts(runs, plan_name, rank=0) -> dict:
+    return read_json(runs.root / f"{plan_name}.rank{rank}.facts.json")
+
+
+# =============================================================================================
+# SFT and RM
+# =============================================================================================
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", MODES)
+def test_sft_matches_one_process_on_the_same_global_batch(runs, mode):
+    distributed, single = runs.outputs["sft", mode], runs.outputs["sft", "single"]
+    assert_weights_moved(distributed, runs.assets["base"])
+    assert_same_weights(distributed, single)
+    train, reference = read_json(distributed / "train_results.json"), read_json(single / "train_results.json")
+    assert reference["train_loss"] > 0
+    assert_close_records(train, reference, ["train_loss"])
+    assert_close_records(read_json(distributed / "eval_results.json"), read_json(single / "eval_results.json"), ["eval_loss"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", MODES)
+def test_reward_model_matches_one_process_and_gathers_normalizer_statistics(runs, mode):
+    distributed, single = runs.outputs["rm", mode], runs.outputs["rm", "single"]
+    assert_weights_moved(distributed, runs.assets["base"])
+    assert_same_weights(distributed, single)
+    assert_close_records(read_json(distributed / "train_results.json"), read_json(single / "train_results.json"), ["train_loss"])
+    eval_names = ["eval_loss", "eval_accuracy", "eval_rewards_mean", "eval_rewards_std"]
+    assert_close_records(read_json(distributed / "eval_results.json"), read_json(single / "eval_results.json"), eval_names)
+    # Each process scored half of every global batch; the statistics saw every end score once.
+    config, reference = read_json(distributed / "config.json"), read_json(single / "config.json")
+    assert config["count"] == reference["count"] == 2 * NUM_PAIRS
+    np.testing.assert_allclose(config["mean"], reference["mean"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(config["var"], reference["var"], rtol=1e-4, atol=1e-6)
+
+
+# =============================================================================================
+# PPO
+# =============================================================================================
+
+COMPARED_METRICS = (
+    "train/actor_loss", "train/reward_critic_loss", "train/ptx_loss", "train/reward", "train/reward_with_kl_penalty",
+    "train/kl_divergence", "train/mean_generated_length", "train/max_generated_length", "train/values",
+    "train/returns", "train/explained_variance", "train/approx_kl", "train/clipfrac", "train/entropy",
+    "train/actor_lr", "train/critic_lr",
+)
+
+
+def rollouts_by_rank(runs, plan_name):
+    return [read_jsonl(runs.root / f"rollouts.{plan_name}.rank{rank}.jsonl") for rank in range(PROCESSES)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", MODES)
+def test_ppo_ranks_take_disjoint_prompts_and_roll_out_what_one_process_rolls_out(runs, mode):
+    ranks = rollouts_by_rank(runs, mode)
+    single = read_jsonl(runs.root / "rollouts.single.jsonl")
+    assert [len(records) for records in ranks] == [PPO_STEPS] * PROCESSES and len(single) == PPO_STEPS
+    all_prompts = []
+    for step in range(PPO_STEPS):
+        per_rank = [[row["prompt"] for row in records[step]["rows"]] for records in ranks]
+        assert all(len(prompts) == 2 for prompts in per_rank)
+        assert not {tuple(p) for p in per_rank[0]} & {tuple(p) for p in per_rank[1]}, "ranks share prompts"
+        # Rank r holds slice r of the global batch: rank 0's rows, then rank 1's, are the single run's.
+        union = [row for records in ranks for row in records[step]["rows"]]
+        assert union == single[step]["rows"]
+        all_prompts.extend(tuple(p) for prompts in per_rank for p in prompts)
+    assert len(set(all_prompts)) == NUM_PROMPTS  # one epoch: every prompt exactly once
+    # Responses were generated, and they differ (the rollout does not collapse to one string).
+    responses = {tuple(row["sequence"][len(row["prompt"]):]) for records in ranks for row in records[0]["rows"]}
+    assert len(responses) > 1 and all(len(response) > 0 for response in responses)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", MODES)
+def test_ppo_matches_one_process_on_the_same_global_batch(runs, mode):
+    distributed, single = runs.outputs["ppo", mode], runs.outputs["ppo", "single"]
+    records = read_jsonl(distributed / "ppo_metrics.jsonl")
+    reference = read_jsonl(single / "ppo_metrics.jsonl")
+    train = [r for r in records if "train/actor_loss" in r]
+    expected = [r for r in reference if "train/actor_loss" in r]
+    assert [r["step"] for r in train] == [r["step"] for r in expected] == list(range(1, PPO_STEPS + 1))
+    for actual, wanted in zip(train, expected):
+        assert_close_records(actual, wanted, COMPARED_METRICS, rtol=1e-3, atol=1e-4)
+    evals = [r for r in records if "eval/reward" in r]
+    assert len(evals) == 1
+    assert_close_records(evals[0], [r for r in reference if "eval/reward" in r][0], ["eval/reward", "eval/mean_generated_length"])
+    for name in ("policy", "value"):
+        assert_same_weights(distributed / name, single / name, rtol=1e-3, atol=1e-4)
+    assert_weights_moved(distributed / "policy", runs.assets["base"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", MODES)
+def test_ppo_rank0_alone_logs_and_writes_and_frozen_models_stay_untouched(runs, mode):
+    logs = runs.logs[mode]
+    assert sorted(logs) == ["workerlog.0", "workerlog.1"]
+    # PaddleNLP logs every file it writes; the PPO trainer logs every metrics line.
+    for marker in ("Model weights saved in", "step 1: ", "saved checkpoint"):
+        assert marker in logs["workerlog.0"], marker
+        assert marker not in logs["workerlog.1"], marker
+    checkpoint = runs.outputs["ppo", mode] / "checkpoint-2"
+    per_rank = {f"{kind}.rank{r}{ext}" for r in range(PROCESSES) for kind, ext in (
+        ("actor_optimizer", ".pdopt"), ("critic_optimizer", ".pdopt"), ("rng_state", ".pkl"),
+        ("rollout_rng_state", ".pkl"), ("pending_experience.pdparams", ""))}
+    shared = {"ppo_state.json", "policy", "value", "actor_scheduler.pdparams", "critic_scheduler.pdparams"}
+    assert set(os.listdir(checkpoint)) == per_rank | shared
+    leftovers = [name for name in os.listdir(runs.outputs["ppo", mode]) if name.startswith(".")]
+    assert not leftovers, leftovers
+    for rank in range(PROCESSES):
+        rank_facts = facts(runs, mode, rank)["ppo"]
+        assert rank_facts["frozen_unchanged"] and not rank_facts["frozen_wrapped"]
+    # Every rank holds the same (global) rollout metrics, and they are those of the single run.
+    rank0, rank1 = (facts(runs, mode, rank)["ppo"]["latest_rollout_metrics"] for rank in range(PROCESSES))
+    assert rank0 == rank1
+    single = facts(runs, "single")["ppo"]["latest_rollout_metrics"]
+    assert_close_records(rank0, single, sorted(single), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.distributed
+def test_ppo_resumes_on_two_processes_exactly(runs):
+    """A copy of the stage-1 run's checkpoint-2, resumed by a new 2-process launch, continues like
+    the uninterrupted run: same metrics at steps 3-4, same final weights."""
+    uninterrupted = runs.outputs["ppo", "stage1"]
+    resumed = runs.root / "ppo_resumed"
+    resumed.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
+    config = ppo_config(runs.assets, resumed, "stage1", PROCESSES)
+    config["resume_from_checkpoint"] = str(resumed / "checkpoint-2")
+    launch(runs.root, "resume", [("ppo", _write_config(runs.root / "ppo_resume.json", config))])
+    expected = [r for r in read_jsonl(uninterrupted / "ppo_metrics.jsonl") if r["step"] > 2]
+    records = read_jsonl(resumed / "ppo_metrics.jsonl")
+    assert [r["step"] for r in records if "train/actor_loss" in r] == [3, 4]
+    assert [sorted(r) for r in records] == [sorted(r) for r in expected]
+    for record, wanted in zip(records, expected):
+        assert_close_records(record, wanted, [k for k in record if k != "step"], rtol=1e-5, atol=1e-6)
+    for name in ("policy", "value"):
+        assert_same_weights(resumed / name, uninterrupted / name, rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
