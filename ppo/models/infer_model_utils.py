@@ -254,10 +254,12 @@ class RopeTables:
 
 def build_rope_tables(weights: DecoderWeights) -> RopeTables:
     half = weights.head_dim // 2
-    sin_signed = paddle.concat([-weights.rope_sin[:, :half], weights.rope_sin[:, half:]], axis=-1)
+    # Cast like PaddleNLP's rotary embedding does, so half-precision q/k are rotated in their dtype.
+    cos, sin = weights.rope_cos.astype(weights.dtype), weights.rope_sin.astype(weights.dtype)
+    sin_signed = paddle.concat([-sin[:, :half], sin[:, half:]], axis=-1)
     heads = weights.num_heads + weights.num_kv_heads
     return RopeTables(
-        cos=paddle.tile(weights.rope_cos, [1, heads]),
+        cos=paddle.tile(cos, [1, heads]),
         sin_signed=paddle.tile(sin_signed, [1, heads]),
         num_rotated_heads=heads,
         head_dim=weights.head_dim,
