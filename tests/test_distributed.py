@@ -260,6 +260,64 @@ def run_ppo_job(config_path: str, record_dir: str, tag: str) -> dict:
     }
 
 
+def _state_arrays(model) -> dict:
+    return {name: value.numpy() for name, value in model.state_dict().items()}
+
+
+def run_model_parallel_job(config_path: str) -> dict:
+    """Tensor or pipeline parallel 2 on CPU: the PPO trainer's wiring up to the update (whose
+    pipeline schedule or tensor-parallel layers need GPU collectives). Returns facts to compare
+    across ranks and with the checkpoints."""
+    import paddle
+
+    from ppo.arguments import PPODataArguments, PPOModelArguments, PPOTrainingArguments
+    from ppo.cli import parse_config
+    from ppo.experience import PromptBatch
+    from ppo.run_ppo import build_trainer
+
+    # CPU builds of Paddle never set ParallelEnv._device_id, which PipelineLayer reads once and
+    # only stores; a class-level default lets the Pipe layers be built on CPU.
+    if not hasattr(paddle.distributed.ParallelEnv(), "_device_id"):
+        paddle.distributed.ParallelEnv._device_id = 0
+    model_args, data_args, args = parse_config([config_path], PPOModelArguments, PPODataArguments, PPOTrainingArguments)
+    trainer = build_trainer(model_args, data_args, args)
+    facts = {
+        "classes": {role: type(model).__name__ for role, model in (
+            ("actor", trainer.actor_model), ("critic", trainer.critic_model), ("reference", trainer.reference_model),
+            ("reward", trainer.reward_model), ("actor_rollout", trainer.rollout_actor), ("critic_rollout", trainer.rollout_critic))},
+    }
+    trainer.actor_trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    trainer.critic_trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    actor_model = trainer._wrap_for_training("actor", trainer.actor_trainer)
+    critic_model = trainer._wrap_for_training("critic", trainer.critic_trainer)
+    facts["wrapped"] = [type(actor_model).__name__, type(critic_model).__name__]
+    trainer.offload = trainer._build_offload_manager()
+    if args.pipeline_parallel_degree > 1:
+        experience = trainer.make_experience(PromptBatch.from_collated(next(trainer.prompt_batches)))
+        facts["experience"] = {name: getattr(experience, name).astype("float32").numpy().tolist()
+                               for name in ("input_ids", "old_log_probs", "reference_log_probs", "old_values", "advantages")}
+        facts["refreshes"] = {role: copy.refreshes for role, copy in trainer.rollout_copies.items()}
+        facts["rollout_copies"] = {role: {k: v.tolist() for k, v in _state_arrays(copy.model).items()}
+                                   for role, copy in trainer.rollout_copies.items()}
+        try:
+            trainer._enter("train")
+            trainer._update(experience.split(args.per_device_train_batch_size), actor_model, critic_model)
+            facts["update"] = "ran"
+        except NotImplementedError as error:
+            facts["update"] = str(error)
+    trainer.save_final_models()
+    trainer.save_checkpoint(None)
+    before = _state_arrays(trainer.actor_model)
+    for parameter in trainer.actor_model.parameters():
+        parameter.set_value(paddle.zeros_like(parameter))
+    trainer.load_checkpoint(os.path.join(args.output_dir, "checkpoint-0"))
+    after = _state_arrays(trainer.actor_model)
+    facts["checkpoint_restores_weights"] = sorted(before) == sorted(after) and all(
+        np.array_equal(before[name], after[name]) for name in before)
+    facts["stage_parameters"] = sorted(before)
+    return facts
+
+
 def _worker(work_dir: str, plan_name: str) -> None:
     """Run the jobs of `plan_name` under paddle.distributed.launch; facts per rank go to JSON."""
     with open(os.path.join(work_dir, f"{plan_name}.plan.json"), encoding="utf-8") as f:
@@ -275,6 +333,8 @@ def _worker(work_dir: str, plan_name: str) -> None:
             from rm.run_reward import main as reward_main
 
             reward_main([config_path])
+        elif job == "ppo-model-parallel":
+            facts[job] = run_model_parallel_job(config_path)
         else:
             facts[job] = run_ppo_job(config_path, work_dir, f"{plan_name}.rank{_rank()}")
         print(f"JOB {job} took {time.time() - started:.1f}s", flush=True)
@@ -346,10 +406,14 @@ def run_single_process(job: str, config_path: str, work_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_llama_dir):
+def assets(tmp_path_factory, tiny_llama_dir):
+    return write_assets(tmp_path_factory.mktemp("distributed_assets"), tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, assets):
     """Both 2-process launches and their single-process references; output dirs by (job, run)."""
     root = tmp_path_factory.mktemp("distributed")
-    assets = write_assets(root, tiny_llama_dir)
     builders = {"sft": sft_config, "rm": rm_config, "ppo": ppo_config}
     timings, outputs, logs = {}, {}, {}
     for mode in MODES:
@@ -551,6 +615,350 @@ def test_ppo_resumes_on_two_processes_exactly(runs):
         assert_close_records(record, wanted, [k for k in record if k != "step"], rtol=1e-5, atol=1e-6)
     for name in ("policy", "value"):
         assert_same_weights(resumed / name, uninterrupted / name, rtol=1e-5, atol=1e-6)
+
+
+# =============================================================================================
+# One process: the pieces of the parallel wiring that need no second process
+# =============================================================================================
+
+
+def test_offload_leaves_to_paddle_what_group_sharded_offload_already_moves():
+    from ppo.comm_utils import managed_offload_objects
+
+    everything = ["freeze_model", "optimizer", "train_model"]
+    assert managed_offload_objects(everything) == [
+        "reference_model", "reward_model", "actor_optimizer", "critic_optimizer",
+        "actor_model", "critic_model", "actor_rollout_model", "critic_rollout_model",
+    ]
+    # stage2 offload: the sharded optimizer keeps its states on the host; moving them again would
+    # be a second offload of the same tensors.
+    assert "actor_optimizer" not in managed_offload_objects(everything, sharding="stage2 offload")
+    assert "actor_model" in managed_offload_objects(everything, sharding="stage2 offload")
+    # stage3 offload: parameter shards too; the plain rollout copies are still ours to move.
+    stage3 = managed_offload_objects(everything, sharding=["stage3", "offload"])
+    assert stage3 == ["reference_model", "reward_model", "actor_rollout_model", "critic_rollout_model"]
+    with pytest.raises(ValueError, match="stage3 offload"):
+        managed_offload_objects(["train_model"], sharding="stage3")
+    # PaddleNLP's own optimizer-offload flag means the same as the 'optimizer' token, once.
+    assert managed_offload_objects(["optimizer"], offload_optim=True) == ["actor_optimizer", "critic_optimizer"]
+    assert managed_offload_objects([], offload_optim=True) == ["actor_optimizer", "critic_optimizer"]
+
+
+def _experience(seed: int, batch: int = 3, length: int = 9):
+    import paddle
+
+    from ppo.experience import Experience
+
+    rng = np.random.default_rng(seed)
+    prompt_length = 3
+    lengths = rng.integers(1, length - prompt_length + 1, size=batch)
+    mask = np.zeros([batch, length], dtype=bool)
+    mask[:, :prompt_length] = True
+    for row, n in enumerate(lengths):
+        mask[row, prompt_length:prompt_length + n] = True
+
+    def per_token(scale):
+        return paddle.to_tensor(rng.normal(size=[batch, length - 1]).astype("float32") * scale)
+
+    return Experience.build(
+        paddle.to_tensor(rng.integers(4, 500, size=[batch, length])), paddle.to_tensor(mask), prompt_length,
+        per_token(1.0), per_token(1.0), per_token(0.5), paddle.to_tensor(rng.normal(size=[batch]).astype("float32")),
+        kl_coeff=0.1, clip_range_score=5.0, gamma=1.0, gae_lambda=0.95,
+    )
+
+
+def test_rollout_sums_add_up_across_ranks_to_the_metrics_of_the_whole_batch():
+    from ppo.experience import Experience
+    from ppo.models.ppo_model_utils import explained_variance, kl_divergence_per_token, masked_mean, masked_sum
+    from ppo.trainer_utils import rollout_metrics, rollout_sums
+
+    parts = [_experience(1), _experience(2, batch=2)]  # two "ranks" with different shapes
+    whole = Experience.concat(parts)
+    sums = [rollout_sums(part, "k1") for part in parts]
+    metrics = rollout_metrics({name: sums[0][name] + sums[1][name] for name in sums[0]})
+    mask = whole.action_mask
+    kl = kl_divergence_per_token(whole.old_log_probs, whole.reference_log_probs, "k1")
+    expected = {
+        "train/reward": float(whole.reward_scores.mean()),
+        "train/reward_with_kl_penalty": float(masked_sum(whole.rewards, mask)) / whole.batch_size,
+        "train/kl_divergence": float(masked_sum(kl, mask)) / whole.batch_size,
+        "train/mean_generated_length": float(mask.astype("float32").sum()) / whole.batch_size,
+        "train/values": float(masked_mean(whole.old_values, mask)),
+        "train/returns": float(masked_mean(whole.returns, mask)),
+        "train/explained_variance": float(explained_variance(whole.old_values, whole.returns, mask)),
+    }
+    assert sorted(metrics) == sorted(expected)
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_rollout_random_state_is_a_separate_resumable_stream():
+    import paddle
+
+    from ppo.trainer_utils import RolloutRandomState
+
+    paddle.seed(123)
+    global_draws = paddle.rand([4]).numpy()
+    paddle.seed(123)
+    stream = RolloutRandomState(5)
+    with stream.active():
+        first = paddle.rand([4]).numpy()
+    # The global generator did not move while the rollout stream drew.
+    np.testing.assert_array_equal(paddle.rand([4]).numpy(), global_draws)
+    saved = stream.state
+    with stream.active():
+        second = paddle.rand([4]).numpy()
+    assert not np.array_equal(first, second)
+    replica = RolloutRandomState(5)  # same seed (same data-parallel rank): same draws
+    with replica.active():
+        np.testing.assert_array_equal(paddle.rand([4]).numpy(), first)
+    other = RolloutRandomState(6)  # another replica
+    with other.active():
+        assert not np.array_equal(paddle.rand([4]).numpy(), first)
+    stream.state = saved  # what a resume restores
+    with stream.active():
+        np.testing.assert_array_equal(paddle.rand([4]).numpy(), second)
+
+
+def test_parallel_mode_chooses_pipe_classes_and_rollout_copies():
+    from paddlenlp.transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    from ppo.models import LlamaModelForScore
+    from ppo.models.model_pp import LlamaPolicyPipe, LlamaValuePipe, Qwen2PolicyPipe, Qwen2ValuePipe
+    from ppo.run_ppo import rollout_copy_mode, trained_model_classes
+
+    def args(pipeline=1, sharding=(), eval_mode=None):
+        return types.SimpleNamespace(pipeline_parallel_degree=pipeline, sharding=list(sharding), eval_mode=eval_mode)
+
+    assert trained_model_classes("llama", args()) == (LlamaForCausalLM, LlamaModelForScore)
+    assert trained_model_classes("llama", args(pipeline=2)) == (LlamaPolicyPipe, LlamaValuePipe)
+    assert trained_model_classes("qwen2", args(pipeline=4)) == (Qwen2PolicyPipe, Qwen2ValuePipe)
+    assert trained_model_classes("qwen2", args())[0] is Qwen2ForCausalLM
+    assert rollout_copy_mode(args()) is None
+    assert rollout_copy_mode(args(sharding=["stage1"])) is None
+    assert rollout_copy_mode(args(sharding=["stage2"])) is None  # full parameters on every rank
+    assert rollout_copy_mode(args(sharding=["stage3"])) == "gathered"
+    assert rollout_copy_mode(args(pipeline=2, eval_mode="tensor_parallel")) == "pipeline"
+
+
+def test_pipeline_and_stage3_runs_refuse_to_start_without_rollout_copies():
+    from ppo.ppo_trainer import _check_rollout_copies
+
+    pipeline = types.SimpleNamespace(pipeline_parallel_degree=2, sharding=[])
+    with pytest.raises(ValueError, match="actor_rollout_model and critic_rollout_model"):
+        _check_rollout_copies(pipeline, {"actor": object()})
+    stage3 = types.SimpleNamespace(pipeline_parallel_degree=1, sharding=["stage3"])
+    with pytest.raises(ValueError, match="sharding stage3 PPO needs actor_rollout_model"):
+        _check_rollout_copies(stage3, {})
+    _check_rollout_copies(stage3, {"actor": object()})
+    _check_rollout_copies(types.SimpleNamespace(pipeline_parallel_degree=1, sharding=[]), {})
+
+
+def _fake_stage_checkpoint(model, tokenizer_dir, directory: Path, pipe_class) -> dict:
+    """What two pipeline stages write (`model_state.pp00/01.pdparams`, plain parameter names, the
+    Pipe's config), built from a plain model with the Pipe class's offline layout."""
+    import paddle
+    from paddlenlp.transformers import AutoTokenizer
+
+    plain = {name: value.numpy() for name, value in model.state_dict().items()}
+    mapping = pipe_class.name_mapping_for(model.config, pp_degree=2)
+    directory.mkdir()
+    for stage, pipe_state in enumerate(mapping.split_by_stage(plain)):
+        stage_state = {mapping.to_plain(name): paddle.to_tensor(value) for name, value in pipe_state.items()}
+        paddle.save(stage_state, str(directory / f"model_state.pp{stage:02d}.pdparams"))
+    config = model.config
+    config.architectures = [pipe_class.__name__]
+    config.save_pretrained(str(directory))
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(str(directory))
+    return plain
+
+
+def test_pipeline_stage_files_merge_into_plain_model_directories(tmp_path, assets):
+    from paddlenlp.transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ppo.model_io import load_model_weights, merge_stage_checkpoint
+    from ppo.models import AutoModelForScore
+    from ppo.models.model_pp import LlamaPolicyPipe, LlamaValuePipe
+
+    for name, loader, pipe_class, source in (
+        ("policy", AutoModelForCausalLM, LlamaPolicyPipe, assets["base"]),
+        ("value", AutoModelForScore, LlamaValuePipe, assets["reward"]),
+    ):
+        model = loader.from_pretrained(source, dtype="float32")
+        stages = tmp_path / f".{name}.stages"
+        expected = _fake_stage_checkpoint(model, assets["base"], stages, pipe_class)
+        merged = merge_stage_checkpoint(str(stages), str(tmp_path / name))
+        assert not stages.exists()
+        reloaded = loader.from_pretrained(merged, dtype="float32")
+        assert type(reloaded).__name__ == type(model).__name__
+        state = {key: value.numpy() for key, value in reloaded.state_dict().items()}
+        assert sorted(state) == sorted(expected)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(state[key], value, err_msg=key)
+        assert AutoTokenizer.from_pretrained(merged).get_vocab() == AutoTokenizer.from_pretrained(assets["base"]).get_vocab()
+        # load_model_weights reads the merged directory back into an existing model.
+        fresh = type(model).from_config(model.config, dtype="float32")
+        load_model_weights(fresh, merged)
+        for key, value in fresh.state_dict().items():
+            np.testing.assert_array_equal(value.numpy(), expected[key], err_msg=key)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_model_weights(AutoModelForCausalLM.from_pretrained(assets["base"]), str(tmp_path / "value"))
+    with pytest.raises(FileNotFoundError, match="no per-rank weight files"):
+        merge_stage_checkpoint(str(tmp_path / "policy"), str(tmp_path / "again"))
+
+
+def test_rollout_copies_refresh_once_per_use_after_a_step_and_respect_offload(tmp_path, assets):
+    """A PPO run whose rollouts go through plain rollout copies (the refresh is a parameter copy
+    here; under pipeline parallel / stage3 it is the collective sync): the copy is refreshed
+    exactly when it is used after an optimizer step, holds the trained weights at every rollout,
+    and with every offload level nothing is used while offloaded or moved twice the same way."""
+    from paddlenlp.transformers import LlamaForCausalLM
+
+    from ppo.arguments import PPODataArguments, PPOModelArguments, PPOTrainingArguments
+    from ppo.cli import parse_config
+    from ppo.models import LlamaModelForScore
+    from ppo.ppo_trainer import PPOTrainer
+    from ppo.run_ppo import build_trainer
+
+    config = ppo_config(assets, tmp_path / "out", "dp", 1)
+    config.update(max_steps=4, update_iters=2, per_device_prompt_batch_size=2, gradient_accumulation_steps=1,
+                  eval_steps=2, save_strategy="no", offload_level="freeze_model optimizer train_model")
+    parsed = parse_config([_write_config(tmp_path / "ppo.json", config)], PPOModelArguments, PPODataArguments, PPOTrainingArguments)
+    plain = build_trainer(*parsed)
+    copies = {
+        "actor_rollout_model": LlamaForCausalLM.from_config(plain.actor_model.config, dtype="float32"),
+        "critic_rollout_model": LlamaModelForScore.from_config(plain.critic_model.config, dtype="float32"),
+    }
+    trainer = PPOTrainer(
+        args=parsed[2], actor_model=plain.actor_model, reference_model=plain.reference_model,
+        reward_model=plain.reward_model, critic_model=plain.critic_model, tokenizer=plain.tokenizer,
+        train_dataset=plain.train_dataset, eval_dataset=plain.eval_dataset, ptx_dataset=plain.ptx_dataset,
+        max_length=plain.max_length, reward_tokenizer=plain.reward_tokenizer, **copies,
+    )
+    assert trainer.engine.model is copies["actor_rollout_model"]
+    refreshed_at, rollouts = [], []
+    for copy in trainer.rollout_copies.values():
+        refresh = copy.refresh_weights
+        copy.refresh_weights = lambda refresh=refresh: (refreshed_at.append(trainer.state.global_step), refresh())
+    make_experience = trainer.make_experience
+
+    def observed(prompt_batch):
+        experience = make_experience(prompt_batch)
+        for copy, trained in ((copies["actor_rollout_model"], trainer.actor_model), (copies["critic_rollout_model"], trainer.critic_model)):
+            rollouts.append(all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(copy.parameters(), trained.parameters())))
+        return experience
+
+    trainer.make_experience = observed
+    trainer.train()
+    # 2 optimizer steps per rollout, evaluation after steps 2 and 4: the copies are refreshed
+    # before the first rollout and before each evaluation; the rollout after the step-2
+    # evaluation finds them fresh.
+    assert refreshed_at == [0, 0, 2, 2, 4, 4]
+    assert rollouts == [True] * 4
+    events = trainer.offload.events
+    for name in {n for _, _, n in events}:
+        actions = [action for _, action, n in events if n == name]
+        assert all(a != b for a, b in zip(actions, actions[1:])), (name, actions)
+    reloads = {(phase, name) for phase, action, name in events if action == "reload"}
+    assert {phase for phase, name in reloads if name == "actor_rollout_model"} <= {"rollout", "score", "eval", "refresh"}
+    assert {phase for phase, name in reloads if name == "actor_model"} <= {"train", "save", "refresh"}
+    assert ("train", "actor_rollout_model") not in reloads
+    assert ("rollout", "offload", "actor_model") in events and ("train", "offload", "actor_rollout_model") in events
+
+
+# =============================================================================================
+# Pipeline and tensor parallel on 2 CPU processes: the trainer's wiring up to the update
+# =============================================================================================
+
+
+def model_parallel_config(assets, output_dir, kind: str) -> dict:
+    config = ppo_config(assets, output_dir, "dp", PROCESSES)
+    config.update(per_device_prompt_batch_size=2, gradient_accumulation_steps=1, save_strategy="no")
+    if kind == "pipeline":
+        config.update(pipeline_parallel_degree=2, eval_mode="single", pipeline_parallel_config="disable_p2p_cache_shape")
+    else:
+        config.update(tensor_parallel_degree=2)
+    for key in ("recompute", "critic_recompute"):
+        config.pop(key, None)
+    return config
+
+
+def launch_model_parallel(tmp_path, assets, kind):
+    output_dir = tmp_path / f"ppo_{kind}"
+    config_path = _write_config(tmp_path / f"ppo_{kind}.json", model_parallel_config(assets, output_dir, kind))
+    logs = launch(tmp_path, kind, [("ppo-model-parallel", config_path)])
+    ranks = [read_json(tmp_path / f"{kind}.rank{rank}.facts.json")["ppo-model-parallel"] for rank in range(PROCESSES)]
+    return output_dir, ranks, logs
+
+
+def assert_checkpoint_dir_equals(directory, expected_state: dict):
+    state = model_state(directory)
+    assert sorted(state) == sorted(expected_state)
+    for name, value in expected_state.items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
+
+
+@pytest.mark.distributed
+def test_pipeline_parallel_ppo_rolls_out_on_synced_copies_and_saves_plain_models(tmp_path, assets):
+    """pipeline_parallel_degree 2: Pipe actor/critic with plain rollout copies synced from the
+    stages; both stages build the same experience; the update enters Paddle's pipeline schedule
+    (whose p2p send/recv gloo lacks, so it stops there on CPU); final models and checkpoints are
+    merged into plain model directories and load back into each stage."""
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    from ppo.models import AutoModelForScore
+
+    output_dir, ranks, _ = launch_model_parallel(tmp_path, assets, "pipeline")
+    base = AutoModelForCausalLM.from_pretrained(assets["base"], dtype="float32")
+    reward = AutoModelForScore.from_pretrained(assets["reward"], dtype="float32")
+    base_state, reward_state = _state_arrays(base), _state_arrays(reward)
+    for facts_of_rank in ranks:
+        assert facts_of_rank["classes"] == {
+            "actor": "LlamaPolicyPipe", "critic": "LlamaValuePipe", "reference": "LlamaForCausalLM",
+            "reward": "LlamaModelForScore", "actor_rollout": "LlamaForCausalLM", "critic_rollout": "LlamaModelForScore",
+        }
+        assert facts_of_rank["wrapped"] == ["PipelineParallel", "PipelineParallel"]
+        assert facts_of_rank["refreshes"] == {"actor": 1, "critic": 1}
+        # eval_mode "single": every stage's rollout copies hold the whole trained models.
+        for role, expected in (("actor", base_state), ("critic", reward_state)):
+            copy = facts_of_rank["rollout_copies"][role]
+            assert sorted(copy) == sorted(expected)
+            for name, value in expected.items():
+                np.testing.assert_array_equal(np.asarray(copy[name], dtype=value.dtype), value, err_msg=f"{role} {name}")
+        assert "send" in facts_of_rank["update"] or "recv" in facts_of_rank["update"], facts_of_rank["update"]
+        assert facts_of_rank["checkpoint_restores_weights"]
+    # Same prompts and the same sampling stream on both stages: one experience.
+    assert ranks[0]["experience"] == ranks[1]["experience"]
+    # Each rank trains its own stage: the two stages' parameters are disjoint.
+    assert not set(ranks[0]["stage_parameters"]) & set(ranks[1]["stage_parameters"])
+    assert_checkpoint_dir_equals(output_dir / "policy", base_state)
+    assert_checkpoint_dir_equals(output_dir / "value", reward_state)
+    assert_checkpoint_dir_equals(output_dir / "checkpoint-0" / "policy", base_state)
+    assert read_json(output_dir / "value" / "config.json")["architectures"] == ["LlamaModelForScore"]
+    assert not [name for name in os.listdir(output_dir) if name.startswith(".")]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_ppo_models_save_merged_and_load_back_their_shards(tmp_path, assets):
+    """tensor_parallel_degree 2: TP actor/critic/reference/reward built from single checkpoints;
+    final models and checkpoints merge into plain directories; a checkpoint loads back into the
+    TP shards. (Forward passes need TP kernels and collectives this CPU build lacks.)"""
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    from ppo.models import AutoModelForScore
+
+    output_dir, ranks, _ = launch_model_parallel(tmp_path, assets, "tensor")
+    for facts_of_rank in ranks:
+        assert facts_of_rank["classes"]["actor"] == "LlamaForCausalLM"
+        assert facts_of_rank["classes"]["actor_rollout"] == "LlamaForCausalLM"  # the trained model itself
+        assert facts_of_rank["checkpoint_restores_weights"]
+    assert ranks[0]["stage_parameters"] == ranks[1]["stage_parameters"]
+    base = _state_arrays(AutoModelForCausalLM.from_pretrained(assets["base"], dtype="float32"))
+    reward = _state_arrays(AutoModelForScore.from_pretrained(assets["reward"], dtype="float32"))
+    assert_checkpoint_dir_equals(output_dir / "policy", base)
+    assert_checkpoint_dir_equals(output_dir / "value", reward)
+    assert_checkpoint_dir_equals(output_dir / "checkpoint-0" / "policy", base)
 
 
 if __name__ == "__main__":
