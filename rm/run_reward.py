@@ -39,6 +39,9 @@ def build_trainer(args: RewardArguments) -> RewardTrainer:
     model = AutoModelForScore.from_pretrained(
         args.model_name_or_path,
         dtype=model_dtype(args),
+        # Under tensor parallel each rank builds its slice (the score head is replicated).
+        tensor_parallel_degree=args.tensor_parallel_degree,
+        tensor_parallel_rank=args.tensor_parallel_rank,
         score_type="reward",
         do_normalize=args.normalize_score_during_training,
         normalizer_type=args.normalizer_type,

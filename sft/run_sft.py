@@ -92,7 +92,14 @@ def model_dtype(args: SftArguments) -> str:
 
 def build_trainer(args: SftArguments) -> SupervisedTrainer:
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=model_dtype(args))
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path,
+        dtype=model_dtype(args),
+        # Under tensor parallel each rank builds its slice; the loss needs full-vocabulary logits.
+        tensor_parallel_degree=args.tensor_parallel_degree,
+        tensor_parallel_rank=args.tensor_parallel_rank,
+        tensor_parallel_output=False,
+    )
     train_dataset = (
         SupervisedDataset(args.train_datasets, tokenizer, max_length=args.max_length, seed=args.seed)
         if args.do_train

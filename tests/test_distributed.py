@@ -318,6 +318,21 @@ def run_model_parallel_job(config_path: str) -> dict:
     return facts
 
 
+def run_build_job(job: str, config_path: str) -> dict:
+    """Build the SFT or reward trainer (no training): the model's parameter shapes."""
+    from ppo.cli import parse_config
+
+    if job == "sft-build":
+        from sft.run_sft import SftArguments as Arguments
+        from sft.run_sft import build_trainer
+    else:
+        from rm.run_reward import RewardArguments as Arguments
+        from rm.run_reward import build_trainer
+    (args,) = parse_config([config_path], Arguments)
+    model = build_trainer(args).model
+    return {"shapes": {name: list(p.shape) for name, p in model.named_parameters()}}
+
+
 def _worker(work_dir: str, plan_name: str) -> None:
     """Run the jobs of `plan_name` under paddle.distributed.launch; facts per rank go to JSON."""
     with open(os.path.join(work_dir, f"{plan_name}.plan.json"), encoding="utf-8") as f:
@@ -335,6 +350,8 @@ def _worker(work_dir: str, plan_name: str) -> None:
             reward_main([config_path])
         elif job == "ppo-model-parallel":
             facts[job] = run_model_parallel_job(config_path)
+        elif job in ("sft-build", "rm-build"):
+            facts[job] = run_build_job(job, config_path)
         else:
             facts[job] = run_ppo_job(config_path, work_dir, f"{plan_name}.rank{_rank()}")
         print(f"JOB {job} took {time.time() - started:.1f}s", flush=True)
@@ -883,12 +900,12 @@ def model_parallel_config(assets, output_dir, kind: str) -> dict:
     return config
 
 
-def launch_model_parallel(tmp_path, assets, kind):
+def launch_model_parallel(tmp_path, assets, kind, extra_jobs=()):
     output_dir = tmp_path / f"ppo_{kind}"
     config_path = _write_config(tmp_path / f"ppo_{kind}.json", model_parallel_config(assets, output_dir, kind))
-    logs = launch(tmp_path, kind, [("ppo-model-parallel", config_path)])
-    ranks = [read_json(tmp_path / f"{kind}.rank{rank}.facts.json")["ppo-model-parallel"] for rank in range(PROCESSES)]
-    return output_dir, ranks, logs
+    launch(tmp_path, kind, [("ppo-model-parallel", config_path), *extra_jobs])
+    ranks = [read_json(tmp_path / f"{kind}.rank{rank}.facts.json") for rank in range(PROCESSES)]
+    return output_dir, ranks
 
 
 def assert_checkpoint_dir_equals(directory, expected_state: dict):
@@ -908,7 +925,8 @@ def test_pipeline_parallel_ppo_rolls_out_on_synced_copies_and_saves_plain_models
 
     from ppo.models import AutoModelForScore
 
-    output_dir, ranks, _ = launch_model_parallel(tmp_path, assets, "pipeline")
+    output_dir, ranks = launch_model_parallel(tmp_path, assets, "pipeline")
+    ranks = [facts_of_rank["ppo-model-parallel"] for facts_of_rank in ranks]
     base = AutoModelForCausalLM.from_pretrained(assets["base"], dtype="float32")
     reward = AutoModelForScore.from_pretrained(assets["reward"], dtype="float32")
     base_state, reward_state = _state_arrays(base), _state_arrays(reward)
@@ -948,7 +966,19 @@ def test_tensor_parallel_ppo_models_save_merged_and_load_back_their_shards(tmp_p
 
     from ppo.models import AutoModelForScore
 
-    output_dir, ranks, _ = launch_model_parallel(tmp_path, assets, "tensor")
+    builds = []
+    for job, builder in (("sft-build", sft_config), ("rm-build", rm_config)):
+        config = builder(assets, tmp_path / job, "dp", PROCESSES)
+        config.update(tensor_parallel_degree=2, gradient_accumulation_steps=1)
+        builds.append((job, _write_config(tmp_path / f"{job}.json", config)))
+    output_dir, all_facts = launch_model_parallel(tmp_path, assets, "tensor", builds)
+    # SFT and reward models are split too: each rank holds half of every attention/MLP projection.
+    for facts_of_rank in all_facts:
+        for job in ("sft-build", "rm-build"):
+            shapes = facts_of_rank[job]["shapes"]
+            assert shapes["llama.layers.0.self_attn.q_proj.weight"] == [64, 32], job
+            assert shapes["llama.layers.0.mlp.down_proj.weight"] == [64, 64], job
+    ranks = [facts_of_rank["ppo-model-parallel"] for facts_of_rank in all_facts]
     for facts_of_rank in ranks:
         assert facts_of_rank["classes"]["actor"] == "LlamaForCausalLM"
         assert facts_of_rank["classes"]["actor_rollout"] == "LlamaForCausalLM"  # the trained model itself
