@@ -53,7 +53,6 @@ from ppo.checkpoint import (
 )
 from ppo.comm_utils import (
     OffloadManager,
-    all_ranks_finite,
     all_reduce_max,
     all_reduce_sum,
     global_masked_whiten,
@@ -79,13 +78,16 @@ from ppo.trainer_utils import (
     StepStats,
     ValueTrainer,
     batch_iterator,
-    copy_parameters,
+    check_rollout_copies,
     current_learning_rate,
     logits_of,
     mean_stats,
     optimizer_step,
+    pipeline_step_stats,
     rollout_metrics,
     rollout_sums,
+    uses_sharding_stage3,
+    weight_refresher,
 )
 
 METRICS_FILE = "ppo_metrics.jsonl"
@@ -141,11 +143,12 @@ class PPOTrainer:
         self.max_length = max_length
         self.actor_model, self.critic_model = actor_model, critic_model
         self.reference_model, self.reward_model = reference_model, reward_model
+        self._wrapped: Dict[str, object] = {}  # role -> the model as wrapped for training (see `train`)
         self.rollout_copies: Dict[str, RolloutCopy] = {}
         for role, source, copy in (("actor", actor_model, actor_rollout_model), ("critic", critic_model, critic_rollout_model)):
             if copy is not None:
-                self.rollout_copies[role] = RolloutCopy(copy, self._weight_refresher(source, copy))
-        _check_rollout_copies(args, self.rollout_copies)
+                self.rollout_copies[role] = RolloutCopy(copy, weight_refresher(args, role, source, copy, self._wrapped))
+        check_rollout_copies(args, self.rollout_copies)
         # Frozen models are never wrapped for data/sharding parallelism: only the two Trainers wrap.
         for frozen in (reference_model, reward_model, *(copy.model for copy in self.rollout_copies.values())):
             frozen.eval()
@@ -188,7 +191,6 @@ class PPOTrainer:
         self.tracker = MetricTracker()
         self.max_steps = self._resolve_max_steps()
         self.offload = None  # built once the optimizers exist (see `train`)
-        self._wrapped: Dict[str, object] = {}  # role -> the model as wrapped for training
         self._gradient_sync: Dict[str, GradientSync] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -217,28 +219,6 @@ class PPOTrainer:
     def rollout_critic(self):
         """The model that gives the old values."""
         return self.rollout_copies["critic"].model if "critic" in self.rollout_copies else self.critic_model
-
-    def _weight_refresher(self, source, copy):
-        """How a rollout copy gets the trained weights: from the pipeline stages (collective), from
-        the sharding stage3 shards (collective, PaddleNLP's own save-time gather), or by a plain
-        parameter copy (e.g. a rollout copy in another dtype)."""
-        args = self.args
-        if args.pipeline_parallel_degree > 1:
-            from ppo.models.parallel_utils import sync_eval_model_from_pipeline
-
-            return lambda: sync_eval_model_from_pipeline(source, copy, args.eval_mode)
-        if _uses_sharding_stage3(args):
-            role = "actor" if source is self.actor_model else "critic"
-
-            def gather_shards():
-                # One all-gather per rollout into host copies held by the (inner) layer's
-                # parameters, then one copy onto the rollout model: generation then runs without
-                # any collective, so ranks may finish decoding at different steps.
-                self._wrapped[role].get_all_parameters(convert2cpu=True)
-                copy_parameters(source, copy)
-
-            return gather_shards
-        return lambda: copy_parameters(source, copy)
 
     def _build_offload_manager(self) -> OffloadManager:
         movers = {
@@ -442,7 +422,7 @@ class PPOTrainer:
             if pipeline:
                 # PaddleNLP's pipeline path buffers the micro-batches and runs forward and backward
                 # in the last training_step; our loss hooks never run, so check the losses it returns.
-                step_stats = [_check_pipeline_losses(actor_loss, critic_loss)]
+                step_stats = [pipeline_step_stats(actor_loss, critic_loss)]
             actor_sync.finish()
             critic_sync.finish()
         except NonFiniteLossError as error:
@@ -512,6 +492,11 @@ class PPOTrainer:
     def train(self, resume_from_checkpoint=None) -> Dict[str, float]:
         args = self.args
         resume_path = resolve_resume_path(resume_from_checkpoint, args.output_dir)
+        if resume_path and uses_sharding_stage3(args):
+            raise NotImplementedError(
+                "resuming PPO under sharding stage3 is not supported: the saved full weights cannot be written into the "
+                "parameter shards; start a new run from the saved policy/value directories instead"
+            )
         self.actor_trainer.create_optimizer_and_scheduler(num_training_steps=self.max_steps)
         self.critic_trainer.create_optimizer_and_scheduler(num_training_steps=self.max_steps)
         actor_model = self._wrap_for_training("actor", self.actor_trainer)
@@ -638,14 +623,23 @@ class PPOTrainer:
     def save_final_models(self) -> None:
         """output_dir/policy and output_dir/value: plain model directories for PaddleNLP."""
         self._enter("save")
+        self._gather_sharded_parameters()
         for name, model in (("policy", self.actor_model), ("value", self.critic_model)):
             save_model_dir(model, self.tokenizer, os.path.join(self.args.output_dir, name), self.args)
+
+    def _gather_sharded_parameters(self) -> None:
+        """Sharding stage3 keeps parameter shards; like PaddleNLP's own `save_model`, gather full
+        host copies into the layers' parameters before saving them (collective)."""
+        if uses_sharding_stage3(self.args):
+            for wrapped in self._wrapped.values():
+                wrapped.get_all_parameters(convert2cpu=True)
 
     def save_checkpoint(self, work: Optional[RolloutWork]) -> str:
         """Everything needed to continue exactly: models, optimizers, schedulers, RNG, sampler
         positions, pending experience. Staged in a temporary directory and renamed into place."""
         args = self.args
         self._enter("save")
+        self._gather_sharded_parameters()
         final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}")
         staging = os.path.join(args.output_dir, f".{CHECKPOINT_PREFIX}{self.state.global_step}.staging")
         rank = args.process_index
@@ -713,36 +707,6 @@ class PPOTrainer:
             return None
         experience = Experience(**paddle.load(os.path.join(path, f"{PENDING_EXPERIENCE_NAME}.rank{rank}")))
         return RolloutWork(experience, self.state.pending_update_iter, self.state.pending_micro_batch)
-
-
-def _uses_sharding_stage3(args) -> bool:
-    return any(str(getattr(option, "value", option)) == "stage3" for option in (args.sharding or ()))
-
-
-def _check_rollout_copies(args, copies: Dict[str, RolloutCopy]) -> None:
-    """A pipeline-parallel model holds one stage per rank and cannot generate or score a whole
-    sequence; sharding stage3 holds parameter shards that generation would have to re-gather at
-    every decoded token."""
-    if args.pipeline_parallel_degree > 1 and sorted(copies) != ["actor", "critic"]:
-        raise ValueError(
-            "pipeline parallel PPO needs actor_rollout_model and critic_rollout_model (non-pipeline models built "
-            "with ppo.models.parallel_utils.eval_model_config for eval_mode); ppo.run_ppo.build_models builds them"
-        )
-    if _uses_sharding_stage3(args) and "actor" not in copies:
-        raise ValueError(
-            "sharding stage3 PPO needs actor_rollout_model: a plain copy of the actor that generates from weights "
-            "gathered once per rollout; ppo.run_ppo.build_models builds it"
-        )
-
-
-def _check_pipeline_losses(actor_loss: paddle.Tensor, critic_loss: paddle.Tensor) -> Dict[str, float]:
-    """The losses PaddleNLP's pipeline path returns (the same value on every stage), checked on all
-    ranks before anyone steps. The actor's includes ptx_coeff x the ptx loss: the Pipe policy
-    computes both in one last-stage loss."""
-    for name, loss in (("actor", actor_loss), ("critic", critic_loss)):
-        if not all_ranks_finite(loss):
-            raise NonFiniteLossError(f"non-finite {name} pipeline loss {float(loss)}")
-    return {"actor_pipeline_loss": float(actor_loss), "reward_critic_loss": float(critic_loss)}
 
 
 def _is_due(strategy, every: Optional[int], step: int) -> bool:

@@ -10,7 +10,7 @@ import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Dict, Iterator, List, Optional
+from typing import Callable, ContextManager, Dict, Iterator, List
 
 import numpy as np
 import paddle
@@ -384,3 +384,60 @@ class RolloutCopy:
         self.stale = False
         self.refreshes += 1
         return True
+
+
+def uses_sharding_stage3(args) -> bool:
+    return any(str(getattr(option, "value", option)) == "stage3" for option in (args.sharding or ()))
+
+
+def check_rollout_copies(args, copies: Dict[str, "RolloutCopy"]) -> None:
+    """A pipeline-parallel model holds one stage per rank and cannot generate or score a whole
+    sequence; sharding stage3 holds parameter shards that generation would have to re-gather at
+    every decoded token."""
+    if args.pipeline_parallel_degree > 1 and sorted(copies) != ["actor", "critic"]:
+        raise ValueError(
+            "pipeline parallel PPO needs actor_rollout_model and critic_rollout_model (non-pipeline models built "
+            "with ppo.models.parallel_utils.eval_model_config for eval_mode); ppo.run_ppo.build_models builds them"
+        )
+    if uses_sharding_stage3(args) and "actor" not in copies:
+        raise ValueError(
+            "sharding stage3 PPO needs actor_rollout_model: a plain copy of the actor that generates from weights "
+            "gathered once per rollout; ppo.run_ppo.build_models builds it"
+        )
+
+
+def weight_refresher(args, role: str, source, copy, wrapped: Dict[str, object]) -> Callable[[], None]:
+    """How the rollout copy of `source` gets the trained weights:
+
+    - pipeline parallel: every stage broadcasts its parameters into the copies (collective);
+    - sharding stage3: PaddleNLP's save-time gather (`get_all_parameters(convert2cpu=True)`, one
+      all-gather into host copies held by the inner layer's parameters, collective), then one
+      copy onto the rollout model; generation then needs no collective, so ranks may stop
+      decoding at different steps (through the stage3 wrapper every decoded token would all-gather
+      every layer, and every rank would have to decode the same number of steps);
+    - otherwise a plain parameter copy (e.g. a rollout copy in another dtype).
+
+    `wrapped` maps the role to its training wrapper once the trainer has wrapped it.
+    """
+    if args.pipeline_parallel_degree > 1:
+        from ppo.models.parallel_utils import sync_eval_model_from_pipeline
+
+        return lambda: sync_eval_model_from_pipeline(source, copy, args.eval_mode)
+    if uses_sharding_stage3(args):
+
+        def gather_shards():
+            wrapped[role].get_all_parameters(convert2cpu=True)
+            copy_parameters(source, copy)
+
+        return gather_shards
+    return lambda: copy_parameters(source, copy)
+
+
+def pipeline_step_stats(actor_loss: paddle.Tensor, critic_loss: paddle.Tensor) -> Dict[str, float]:
+    """The losses PaddleNLP's pipeline path returns (the same value on every stage), checked on all
+    ranks before anyone steps. The actor's includes ptx_coeff x the ptx loss: the Pipe policy
+    computes both in one last-stage loss."""
+    for name, loss in (("actor", actor_loss), ("critic", critic_loss)):
+        if not all_ranks_finite(loss):
+            raise NonFiniteLossError(f"non-finite {name} pipeline loss {float(loss)}")
+    return {"actor_pipeline_loss": float(actor_loss), "reward_critic_loss": float(critic_loss)}

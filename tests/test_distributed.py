@@ -1,11 +1,11 @@
-"""Data parallel and sharding stage 1 on 2 CPU processes (`paddle.distributed.launch
---nproc_per_node 2`, gloo), each compared with ONE process trained on the same global batches.
+"""Distributed training on 2 CPU processes (`paddle.distributed.launch --nproc_per_node 2`, gloo).
 
-One launch per mode runs the three real entry points in turn (SFT `main`, reward `main`, PPO's
-`build_trainer` + `train`), with 2 processes x per-device batch B; the single-process references
-run in this process with batch B and gradient_accumulation_steps 2, so that every optimizer step
-averages the same two micro-batches (the losses are per-micro-batch token means, so a single batch
-of 2B would be a different objective). A third launch resumes PPO from a 2-process checkpoint.
+Data parallel and sharding stage 1: one launch per mode runs the three real entry points in turn
+(SFT `main`, reward `main`, PPO's `build_trainer` + `train`) with 2 processes x per-device batch
+B; the single-process references run in this process with batch B and twice the
+gradient_accumulation_steps, so that every optimizer step averages the same micro-batches (the
+losses are per-micro-batch token means, so one batch of 2B would be a different objective). A
+third launch resumes PPO from a 2-process checkpoint.
 
 Rollout sampling cannot match draw for draw: each replica samples its responses from its own RNG
 stream with its own batch shape, and one process draws for all prompts at once. The PPO runs
@@ -17,6 +17,12 @@ are comparable between 1 and 2 processes.
 Sampler note: PaddleNLP shuffles with `paddle.io.BatchSampler` in one process but with
 `DistributedBatchSampler` (seeded by the epoch) in several, so the single-process SFT/RM
 references use a one-replica `DistributedBatchSampler`: same global order, same batches.
+
+Pipeline parallel 2 (default suite) and tensor parallel 2 (slow): the PPO trainer is built and
+run up to the update, whose pipeline schedule (p2p send/recv) and tensor-parallel layers need
+collectives gloo does not have; rollouts, rollout-copy sync, saving/merging and checkpoint
+reloading run for real. The rest of the file tests, in one process, the pieces of the parallel
+wiring that need no second process.
 """
 
 from __future__ import annotations
@@ -175,7 +181,7 @@ def ppo_config(assets, output_dir, mode, processes) -> dict:
         "max_length": 56,
         "max_steps": PPO_STEPS,
         "per_device_prompt_batch_size": 2 * PROCESSES // processes,
-        "per_device_train_batch_size": 2,
+        "per_device_train_batch_size": 1,
         "per_device_eval_batch_size": 4,
         "learning_rate": 2e-3,
         "critic_learning_rate": 2e-3,
@@ -196,9 +202,11 @@ def ppo_config(assets, output_dir, mode, processes) -> dict:
         "disable_tqdm": True,
         **_parallel_settings(mode, processes),
     }
+    # Two micro-batches per rank and step: the data-parallel all-reduce is skipped (no_sync) for
+    # the first; with recompute (critic) it is skipped for both and done by hand after the second.
+    config["gradient_accumulation_steps"] *= 2
     if mode == "dp" and processes > 1:
-        # Recompute makes PaddleNLP-style training all-reduce data-parallel gradients by hand.
-        config.update(recompute=True, critic_recompute=True)
+        config["critic_recompute"] = True
     return config
 
 
@@ -759,16 +767,16 @@ def test_parallel_mode_chooses_pipe_classes_and_rollout_copies():
 
 
 def test_pipeline_and_stage3_runs_refuse_to_start_without_rollout_copies():
-    from ppo.ppo_trainer import _check_rollout_copies
+    from ppo.trainer_utils import check_rollout_copies
 
     pipeline = types.SimpleNamespace(pipeline_parallel_degree=2, sharding=[])
     with pytest.raises(ValueError, match="actor_rollout_model and critic_rollout_model"):
-        _check_rollout_copies(pipeline, {"actor": object()})
+        check_rollout_copies(pipeline, {"actor": object()})
     stage3 = types.SimpleNamespace(pipeline_parallel_degree=1, sharding=["stage3"])
     with pytest.raises(ValueError, match="sharding stage3 PPO needs actor_rollout_model"):
-        _check_rollout_copies(stage3, {})
-    _check_rollout_copies(stage3, {"actor": object()})
-    _check_rollout_copies(types.SimpleNamespace(pipeline_parallel_degree=1, sharding=[]), {})
+        check_rollout_copies(stage3, {})
+    check_rollout_copies(stage3, {"actor": object()})
+    check_rollout_copies(types.SimpleNamespace(pipeline_parallel_degree=1, sharding=[]), {})
 
 
 def _fake_stage_checkpoint(model, tokenizer_dir, directory: Path, pipe_class) -> dict:
@@ -838,7 +846,8 @@ def test_rollout_copies_refresh_once_per_use_after_a_step_and_respect_offload(tm
     from ppo.run_ppo import build_trainer
 
     config = ppo_config(assets, tmp_path / "out", "dp", 1)
-    config.update(max_steps=4, update_iters=2, per_device_prompt_batch_size=2, gradient_accumulation_steps=1,
+    config.update(max_steps=4, update_iters=2, per_device_prompt_batch_size=2, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=1,
                   eval_steps=2, save_strategy="no", offload_level="freeze_model optimizer train_model")
     parsed = parse_config([_write_config(tmp_path / "ppo.json", config)], PPOModelArguments, PPODataArguments, PPOTrainingArguments)
     plain = build_trainer(*parsed)
@@ -890,7 +899,7 @@ def test_rollout_copies_refresh_once_per_use_after_a_step_and_respect_offload(tm
 
 def model_parallel_config(assets, output_dir, kind: str) -> dict:
     config = ppo_config(assets, output_dir, "dp", PROCESSES)
-    config.update(per_device_prompt_batch_size=2, gradient_accumulation_steps=1, save_strategy="no")
+    config.update(per_device_prompt_batch_size=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, save_strategy="no")
     if kind == "pipeline":
         config.update(pipeline_parallel_degree=2, eval_mode="single", pipeline_parallel_config="disable_p2p_cache_shape")
     else:
