@@ -16,12 +16,6 @@ def _barrier(args) -> None:
         paddle.distributed.barrier()
 
 
-def is_pipeline_model(model) -> bool:
-    from paddle.distributed.fleet.meta_parallel import PipelineLayer
-
-    return isinstance(model, PipelineLayer)
-
-
 def save_model_dir(model, tokenizer, path: str, args=None, atomic: bool = True) -> None:
     """Write `model` (+ tokenizer) as a normal PaddleNLP model directory. Collective under tensor
     or pipeline parallel: every rank calls it.
