@@ -37,10 +37,7 @@ from ppo.models.parallel_utils import (  # noqa: E402
     eval_model_config,
 )
 from ppo.ppo_trainer import PPOTrainer  # noqa: E402
-
-
-def model_dtype(args: PPOTrainingArguments) -> str:
-    return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+from ppo.stage import model_dtype  # noqa: E402
 
 
 def model_config(path: str, args: PPOTrainingArguments, recompute: bool = False):

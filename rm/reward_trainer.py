@@ -8,29 +8,22 @@ from typing import Dict, Optional
 import numpy as np
 import paddle
 import paddle.distributed as dist
-from paddlenlp.trainer import EvalPrediction, Trainer, TrainingArguments
+from paddlenlp.trainer import EvalPrediction, Trainer
 from paddlenlp.transformers.model_utils import unwrap_model
-from paddlenlp.utils.log import logger
 
 from ppo.models.normalizer import DEFAULT_MOMENTUM, NORMALIZERS, check_normalizer_type
 from ppo.models.reward_losses import REWARD_LOSSES, PreferenceScores, check_loss_type, get_reward_loss
+from ppo.stage import StageArguments
 
 
 @dataclass
-class RewardArguments(TrainingArguments):
-    """Arguments of `rm/run_reward.py`: PaddleNLP's TrainingArguments plus the keys below."""
+class RewardArguments(StageArguments):
+    """Arguments of `rm/run_reward.py`: PaddleNLP's TrainingArguments plus model_name_or_path,
+    train_datasets, eval_datasets (preference dataset specs), max_length and the keys below."""
 
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "SFT model (or a score model) the reward model starts from. Required."}
-    )
-    train_datasets: Optional[str] = field(
-        default=None,
-        metadata={"help": "Preference datasets to train on: 'name[:proportion[:path]]' (comma separated) or a dict."},
-    )
-    eval_datasets: Optional[str] = field(
-        default=None, metadata={"help": "Preference datasets to evaluate on; no evaluation when absent."}
-    )
-    max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + answer; longer is truncated."})
+    MODEL_ROLE = "the SFT model the reward model starts from"
+    DATA_KIND = "preference datasets"
+
     normalize_score_during_training: bool = field(
         default=False,
         metadata={"help": "Train on scores normalised with the running statistics (needs normalizer_type)."},
@@ -53,8 +46,6 @@ class RewardArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        if not self.model_name_or_path:
-            raise ValueError("model_name_or_path is required: the SFT model the reward model starts from")
         check_loss_type(self.loss_type)
         if isinstance(self.normalizer_type, str) and self.normalizer_type.strip() in ("", "None", "none", "null"):
             self.normalizer_type = None
@@ -65,18 +56,6 @@ class RewardArguments(TrainingArguments):
             raise ValueError(f"normalizer_momentum must be in (0, 1), got {self.normalizer_momentum}")
         if self.regularization < 0:
             raise ValueError(f"regularization must be >= 0, got {self.regularization}")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
-        if self.do_train and not self.train_datasets:
-            raise ValueError("do_train is set but train_datasets is empty: name the preference datasets to train on")
-        evaluates = self.do_eval or str(self.evaluation_strategy) not in ("no", "IntervalStrategy.NO")
-        if not self.eval_datasets and evaluates:
-            # Evaluation is optional: without eval data there is nothing to evaluate on.
-            logger.warning(
-                f"no eval_datasets given: evaluation is off (do_eval={self.do_eval} and "
-                f"evaluation_strategy={self.evaluation_strategy} are ignored)"
-            )
-            self.do_eval, self.evaluation_strategy = False, "no"
         super().__post_init__()
 
 

@@ -22,16 +22,12 @@ elif _REPO_ROOT not in sys.path:
 
 from paddlenlp.trainer import set_seed  # noqa: E402
 from paddlenlp.transformers import AutoTokenizer  # noqa: E402
-from paddlenlp.utils.log import logger  # noqa: E402
 
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import PreferenceDataset  # noqa: E402
 from ppo.models import AutoModelForScore  # noqa: E402
+from ppo.stage import build_stage_trainer, model_dtype, run_stage  # noqa: E402
 from rm.reward_trainer import RewardArguments, RewardTrainer  # noqa: E402
-
-
-def model_dtype(args: RewardArguments) -> str:
-    return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
 
 
 def build_trainer(args: RewardArguments) -> RewardTrainer:
@@ -47,48 +43,13 @@ def build_trainer(args: RewardArguments) -> RewardTrainer:
         normalizer_type=args.normalizer_type,
         momentum=args.normalizer_momentum,
     )
-    train_dataset = (
-        PreferenceDataset(args.train_datasets, tokenizer, max_length=args.max_length, seed=args.seed)
-        if args.do_train
-        else None
-    )
-    eval_dataset = (
-        PreferenceDataset(args.eval_datasets, tokenizer, max_length=args.max_length, seed=args.seed)
-        if args.eval_datasets
-        else None
-    )
-    collator_source = train_dataset if train_dataset is not None else eval_dataset
-    return RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        tokenizer=tokenizer,
-        data_collator=collator_source.get_collator() if collator_source is not None else None,
-    )
+    return build_stage_trainer(RewardTrainer, args, model, tokenizer, PreferenceDataset)
 
 
 def main(argv=None) -> dict:
     (args,) = parse_config(sys.argv[1:] if argv is None else argv, RewardArguments)
     set_seed(args.seed)
-    if not args.do_train and not args.eval_datasets:
-        raise ValueError("nothing to do: set do_train (with train_datasets) and/or give eval_datasets")
-    trainer = build_trainer(args)
-    results = {}
-    if args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-        results.update(train_result.metrics)
-    if trainer.eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        results.update(eval_metrics)
-    logger.info(f"reward model training finished: {results}")
-    return results
+    return run_stage(build_trainer(args), args, "reward model training")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ Relative paths in a repository config are relative to the repository root (see `
 import math
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 # Run as a script from the repo root or from sft/: imports always go through the packages.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,46 +23,22 @@ elif _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 import paddle  # noqa: E402
-from paddlenlp.trainer import Trainer, TrainingArguments, set_seed  # noqa: E402
+from paddlenlp.trainer import Trainer, set_seed  # noqa: E402
 from paddlenlp.transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from paddlenlp.utils.log import logger  # noqa: E402
 
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import SupervisedDataset  # noqa: E402
 from ppo.models.ppo_model_utils import make_position_ids, supervised_lm_loss  # noqa: E402
+from ppo.stage import StageArguments, build_stage_trainer, model_dtype, run_stage  # noqa: E402
 
 
 @dataclass
-class SftArguments(TrainingArguments):
-    """Arguments of `sft/run_sft.py`: PaddleNLP's TrainingArguments plus the keys below."""
+class SftArguments(StageArguments):
+    """Arguments of `sft/run_sft.py`: PaddleNLP's TrainingArguments plus model_name_or_path,
+    train_datasets, eval_datasets (supervised dataset specs) and max_length."""
 
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Pretrained causal LM (name or directory) to fine-tune. Required."}
-    )
-    train_datasets: Optional[str] = field(
-        default=None,
-        metadata={"help": "Supervised datasets: 'name[:proportion[:path]]' (comma separated) or a dict."},
-    )
-    eval_datasets: Optional[str] = field(
-        default=None, metadata={"help": "Supervised datasets to evaluate on; no evaluation when absent."}
-    )
-    max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + answer; longer is truncated."})
-
-    def __post_init__(self):
-        if not self.model_name_or_path:
-            raise ValueError("model_name_or_path is required: the causal LM to fine-tune")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
-        if self.do_train and not self.train_datasets:
-            raise ValueError("do_train is set but train_datasets is empty: name the supervised datasets to train on")
-        evaluates = self.do_eval or str(self.evaluation_strategy) not in ("no", "IntervalStrategy.NO")
-        if not self.eval_datasets and evaluates:
-            logger.warning(
-                f"no eval_datasets given: evaluation is off (do_eval={self.do_eval} and "
-                f"evaluation_strategy={self.evaluation_strategy} are ignored)"
-            )
-            self.do_eval, self.evaluation_strategy = False, "no"
-        super().__post_init__()
+    MODEL_ROLE = "the causal LM to fine-tune"
+    DATA_KIND = "supervised datasets"
 
 
 class SupervisedTrainer(Trainer):
@@ -86,10 +61,6 @@ class SupervisedTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def model_dtype(args: SftArguments) -> str:
-    return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
-
-
 def build_trainer(args: SftArguments) -> SupervisedTrainer:
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
@@ -100,49 +71,17 @@ def build_trainer(args: SftArguments) -> SupervisedTrainer:
         tensor_parallel_rank=args.tensor_parallel_rank,
         tensor_parallel_output=False,
     )
-    train_dataset = (
-        SupervisedDataset(args.train_datasets, tokenizer, max_length=args.max_length, seed=args.seed)
-        if args.do_train
-        else None
-    )
-    eval_dataset = (
-        SupervisedDataset(args.eval_datasets, tokenizer, max_length=args.max_length, seed=args.seed)
-        if args.eval_datasets
-        else None
-    )
-    collator_source = train_dataset if train_dataset is not None else eval_dataset
-    return SupervisedTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        tokenizer=tokenizer,
-        data_collator=collator_source.get_collator() if collator_source is not None else None,
-    )
+    return build_stage_trainer(SupervisedTrainer, args, model, tokenizer, SupervisedDataset)
+
+
+def add_perplexity(eval_metrics: dict) -> None:
+    eval_metrics["eval_ppl"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
 
 
 def main(argv=None) -> dict:
     (args,) = parse_config(sys.argv[1:] if argv is None else argv, SftArguments)
     set_seed(args.seed)
-    if not args.do_train and not args.eval_datasets:
-        raise ValueError("nothing to do: set do_train (with train_datasets) and/or give eval_datasets")
-    trainer = build_trainer(args)
-    results = {}
-    if args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-        results.update(train_result.metrics)
-    if trainer.eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        eval_metrics["eval_ppl"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        results.update(eval_metrics)
-    logger.info(f"SFT finished: {results}")
-    return results
+    return run_stage(build_trainer(args), args, "SFT", add_eval_metrics=add_perplexity)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""What the two supervised-style stages (SFT and reward model) share: their common arguments,
+the datasets, and the train → save → evaluate sequence that writes PaddleNLP's usual
+`train_results.json` / `eval_results.json` / `all_results.json`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+from paddlenlp.trainer import Trainer, TrainingArguments
+from paddlenlp.utils.log import logger
+
+
+@dataclass
+class StageArguments(TrainingArguments):
+    """PaddleNLP's TrainingArguments plus the model and datasets of one stage."""
+
+    # Words for error messages, set by each stage.
+    MODEL_ROLE = "the model to train"
+    DATA_KIND = "datasets"
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Model (name or directory) the stage starts from. Required."}
+    )
+    train_datasets: Optional[str] = field(
+        default=None,
+        metadata={"help": "Datasets to train on: 'name[:proportion[:path]]' (comma separated) or a dict."},
+    )
+    eval_datasets: Optional[str] = field(
+        default=None, metadata={"help": "Datasets to evaluate on; no evaluation when absent."}
+    )
+    max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + answer; longer is truncated."})
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise ValueError(f"model_name_or_path is required: {self.MODEL_ROLE}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.do_train and not self.train_datasets:
+            raise ValueError(f"do_train is set but train_datasets is empty: name the {self.DATA_KIND} to train on")
+        evaluates = self.do_eval or str(self.evaluation_strategy) not in ("no", "IntervalStrategy.NO")
+        if not self.eval_datasets and evaluates:
+            # Evaluation is optional: without eval data there is nothing to evaluate on.
+            logger.warning(
+                f"no eval_datasets given: evaluation is off (do_eval={self.do_eval} and "
+                f"evaluation_strategy={self.evaluation_strategy} are ignored)"
+            )
+            self.do_eval, self.evaluation_strategy = False, "no"
+        super().__post_init__()
+
+
+def model_dtype(args: TrainingArguments) -> str:
+    return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+
+
+def build_stage_trainer(trainer_class, args: StageArguments, model, tokenizer, dataset_class) -> Trainer:
+    """The stage's Trainer on `dataset_class` built from the train/eval dataset specs."""
+
+    def dataset(specs):
+        return dataset_class(specs, tokenizer, max_length=args.max_length, seed=args.seed)
+
+    train_dataset = dataset(args.train_datasets) if args.do_train else None
+    eval_dataset = dataset(args.eval_datasets) if args.eval_datasets else None
+    collator_source = train_dataset if train_dataset is not None else eval_dataset
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        tokenizer=tokenizer,
+        data_collator=collator_source.get_collator() if collator_source is not None else None,
+    )
+
+
+def run_stage(trainer: Trainer, args: StageArguments, name: str, add_eval_metrics: Optional[Callable[[Dict], None]] = None) -> Dict:
+    """Train (then save the model and trainer state), evaluate, and write the metrics files."""
+    if not args.do_train and not args.eval_datasets:
+        raise ValueError("nothing to do: set do_train (with train_datasets) and/or give eval_datasets")
+    results = {}
+    if args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        results.update(train_result.metrics)
+    if trainer.eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        if add_eval_metrics is not None:
+            add_eval_metrics(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        results.update(eval_metrics)
+    logger.info(f"{name} finished: {results}")
+    return results
