@@ -21,6 +21,7 @@ from typing import List, Optional
 
 import numpy as np
 import paddle
+from paddlenlp.utils.log import logger
 
 from ppo.models.infer_model_utils import (
     KVCache,
@@ -186,11 +187,15 @@ class RolloutEngine:
                 return "fused"
             if requested == "fused":
                 raise RuntimeError(f"backend='fused' is unavailable: {fused_problem}; use backend='decoder' or 'generate'")
+            logger.info(f"use_fusemt: fused rollout unavailable ({fused_problem}); falling back")
         if requested == "decoder":
             if decoder_problem is not None:
                 raise decoder_problem
             return "decoder"
-        if requested == "generate" or decoder_problem is not None:
+        if requested == "generate":
+            return "generate"
+        if decoder_problem is not None:
+            logger.info(f"rollout with PaddleNLP generate: {decoder_problem}")
             return "generate"
         return "decoder"
 
