@@ -236,6 +236,11 @@ def test_rerooted_value_moves_paths_and_dataset_spec_paths_only():
     assert rerooted_value("PKU-SafeRLHF/train", "/r") == "PKU-SafeRLHF/train"
 
 
+def test_output_root_with_a_spec_separator_is_refused():
+    with pytest.raises(ValueError, match="contains ':' or ','"):
+        Layout("/tmp/a:b")
+
+
 def test_config_overrides_only_when_root_or_seed_differ():
     config = {"output_dir": "output/tiny/sft", "learning_rate": 0.1, "seed": 0}
     assert config_overrides(config, Layout(os.path.join(REPO_ROOT, "output")), seed=0) == {}

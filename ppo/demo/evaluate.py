@@ -186,7 +186,8 @@ def sample_and_score(
     `reference` given: each answer also gets its KL estimate against it."""
     from ppo.infer_utils import RolloutEngine
 
-    engine = RolloutEngine(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # No fused (GPU) backend: both policies go through the same dynamic-graph sampler.
+    engine = RolloutEngine(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_fusemt=False)
     copies = settings.samples_per_prompt if do_sample else 1
     # The same seed before each policy: both draw from the same random stream.
     paddle.seed(settings.seed)

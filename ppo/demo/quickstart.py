@@ -57,16 +57,17 @@ TARGET_JUDGE_GAIN = 0.15
 # override). Evaluation sets are cut too: evaluation time would otherwise dominate.
 FAST_OVERRIDES = {
     "sft": {"max_steps": "6", "logging_steps": "2", "eval_datasets": "alpaca:0.02:{data}/sft.jsonl"},
-    "rm": {"max_steps": "6", "logging_steps": "2", "eval_steps": "6",
-           "eval_datasets": "PKU-SafeRLHF/test:0.1:{data}/preference/test.jsonl"},
+    "rm": {"max_steps": "6", "logging_steps": "2", "eval_datasets": "PKU-SafeRLHF/test:0.1:{data}/preference/test.jsonl"},
     "ppo": {"max_steps": "4", "logging_steps": "1", "eval_steps": "2", "save_steps": "2",
             "eval_datasets": "PKU-SafeRLHF/test:0.15:{data}/prompts/test.jsonl"},
     "evaluate": {"max-prompts": "8", "samples-per-prompt": "2"},
 }  # fmt: skip
+# 96 held-out prompts x 8 samples = 768 answers per policy: the standard error of a judge score
+# is then about 0.015 (answers to one prompt are correlated, so more prompts would help more).
 EVALUATION_SAMPLES_PER_PROMPT = 8
 
-# Seconds each stage took in a full run on 2 shared CPU cores (used only for the ETA).
-EXPECTED_SECONDS = {"assets": 6, "sft": 110, "rm": 65, "ppo": 90, "evaluate": 25}
+# Seconds each stage took in a full run on 2 lightly loaded CPU cores (used only for the ETA).
+EXPECTED_SECONDS = {"assets": 6, "sft": 85, "rm": 85, "ppo": 40, "evaluate": 20}
 EXPECTED_SECONDS_FAST = {"assets": 6, "sft": 12, "rm": 12, "ppo": 20, "evaluate": 12}
 
 CURVE_PANELS = (
@@ -99,6 +100,11 @@ class Layout:
 
     def __post_init__(self):
         self.root = os.path.abspath(self.root)
+        if any(separator in self.root for separator in ":,"):
+            raise ValueError(
+                f"output root {self.root!r} contains ':' or ','; dataset specs (name:proportion:path, "
+                "comma separated) cannot carry such a path, so choose another directory"
+            )
         self.tiny = os.path.join(self.root, "tiny")
         self.data = os.path.join(self.tiny, "data")
         self.quickstart = os.path.join(self.root, "quickstart")
@@ -201,6 +207,12 @@ def display_command(command: Sequence[str]) -> str:
     return " ".join(shlex.quote(os.path.relpath(part, REPO_ROOT) if part.startswith(REPO_ROOT + os.sep) else part) for part in shown)
 
 
+def shown_path(path: str) -> str:
+    """`path` relative to the current directory when it lies below it, else absolute."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def banner(stage: Stage, index: int, stages: Sequence[Stage], started: float, expected: Dict[str, float], log_path: str) -> None:
     elapsed = time.time() - started
     remaining = eta_seconds(stages, index, expected)
@@ -209,7 +221,7 @@ def banner(stage: Stage, index: int, stages: Sequence[Stage], started: float, ex
         f"\n{rule}\n[{index + 1}/{len(stages)}] {stage.name.upper()}: {stage.title}\n"
         f"    $ {display_command(stage.command)}\n"
         f"    elapsed {format_seconds(elapsed)}, ETA for the rest of the pipeline ~{format_seconds(remaining)}"
-        f" (full output: {os.path.relpath(log_path)})\n{rule}",
+        f" (full output: {shown_path(log_path)})\n{rule}",
         flush=True,
     )
 
@@ -402,15 +414,18 @@ def run(output_root: str, seed: int = DEFAULT_SEED, fast: bool = False) -> dict:
             os.remove(layout.result(stale))
     stages = build_stages(layout, seed, fast)
     expected = EXPECTED_SECONDS_FAST if fast else EXPECTED_SECONDS
+    # Other jobs on the machine slow every stage down: the 1-minute load average at the start of
+    # each stage goes into the summary so timings can be read against it.
     load = {"start": os.getloadavg()[0]}
     print(
         f"quickstart: SFT -> reward model -> PPO on the built-in demo task, seed {seed}{' (--fast: wiring check only)' if fast else ''}\n"
-        f"  output root {layout.root}; expected ~{format_seconds(sum(expected.values()))} on 2 CPU cores"
+        f"  output root {shown_path(layout.root)}; expected ~{format_seconds(sum(expected.values()))} on 2 idle CPU cores"
         f" (load average now {load['start']:.2f})",
         flush=True,
     )
     started = time.time()
     for index, stage in enumerate(stages):
+        load[stage.name] = os.getloadavg()[0]
         log_path = os.path.join(layout.quickstart, "logs", f"{stage.name}.log")
         banner(stage, index, stages, started, expected, log_path)
         stage.seconds = run_stage(stage, log_path)
@@ -453,7 +468,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         help="a few steps per stage to check the wiring (also QUICKSTART_FAST=1)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    return run(args.output_root, seed=args.seed, fast=args.fast)
+    try:
+        layout = Layout(args.output_root)
+    except ValueError as error:
+        parser.error(str(error))
+    return run(layout.root, seed=args.seed, fast=args.fast)
 
 
 if __name__ == "__main__":
