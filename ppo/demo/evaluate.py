@@ -91,12 +91,13 @@ class PromptSet:
         from ppo.data import PromptOnlyDataset, RawDataset
 
         dataset = PromptOnlyDataset(spec, tokenizer, max_length=max_length, seed=0)
-        raw = {}
+        names = [one.name for one in dataset.specs]
+        if len(set(names)) != len(names):
+            # Rows are traced back to their raw text by dataset name and row index.
+            raise ValueError(f"each prompt dataset name may appear once in {spec!r}, got {names}")
+        raw = {one.name: RawDataset.load(one.name, one.path) for one in dataset.specs}
         texts = []
         for ref in dataset.sources:
-            if ref.dataset not in raw:
-                matching = [s for s in dataset.specs if s.name == ref.dataset]
-                raw[ref.dataset] = RawDataset.load(ref.dataset, matching[0].path)
             text = raw[ref.dataset][ref.index]["input"]
             if not isinstance(text, str):
                 raise ValueError(f"{ref}: the demo task has single-turn prompts, got a dialogue {text!r}")
