@@ -134,3 +134,14 @@ def tokenizers_match(first, second) -> bool:
         and first.eos_token_id == second.eos_token_id
         and first.bos_token_id == second.bos_token_id
     )
+
+
+def load_tokenizer(path: str):
+    """A tokenizer for generation: left padding, and EOS as pad when the tokenizer has no pad token
+    (masks are built from lengths everywhere, so pad == eos is safe)."""
+    from paddlenlp.transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

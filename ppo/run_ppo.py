@@ -22,13 +22,13 @@ elif _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 import paddle  # noqa: E402
-from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from paddlenlp.utils.log import logger  # noqa: E402
 
 from ppo.arguments import PPODataArguments, PPOModelArguments, PPOTrainingArguments  # noqa: E402
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import PromptOnlyDataset, SupervisedDataset  # noqa: E402
-from ppo.model_io import tokenizers_match  # noqa: E402
+from ppo.model_io import load_tokenizer, tokenizers_match  # noqa: E402
 from ppo.models import AutoModelForScore  # noqa: E402
 from ppo.models.model_pp import PolicyLossConfig, ValueLossConfig, pipe_model_class  # noqa: E402
 from ppo.models.parallel_utils import (  # noqa: E402
@@ -50,14 +50,6 @@ def model_config(path: str, args: PPOTrainingArguments, recompute: bool = False)
     # Log-probabilities need the full vocabulary on every rank, not this rank's slice of the logits.
     config.tensor_parallel_output = False
     return config
-
-
-def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tokenizer.pad_token_id is None:
-        # Masks are built from lengths everywhere, so pad == eos is safe.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def require_score_model(path: str, role: str) -> None:

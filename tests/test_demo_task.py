@@ -8,19 +8,12 @@ import sys
 
 import pytest
 
+from ppo.data.safe_rlhf import COLUMNS as SAFE_RLHF_COLUMNS
 from ppo.demo import task
 from ppo.demo.make_data import make_data, parse_sizes
 from ppo.demo.prepare_tiny import BASE_MODEL, TOKENIZER_VOCAB_SIZE
 
-PKU_COLUMNS = [
-    "prompt",
-    "response_0",
-    "response_1",
-    "is_response_0_safe",
-    "is_response_1_safe",
-    "better_response_id",
-    "safer_response_id",
-]
+PKU_COLUMNS = list(SAFE_RLHF_COLUMNS)  # what the PKU-SafeRLHF loader reads
 DATA_FILES = ["sft.jsonl", "preference/train.jsonl", "preference/test.jsonl", "prompts/train.jsonl", "prompts/test.jsonl", "corpus.txt"]
 SMALL_SIZES = {"sft": 300, "preference_train": 300, "preference_test": 100}
 

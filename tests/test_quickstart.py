@@ -6,7 +6,6 @@ import math
 import os
 import random
 import subprocess
-import sys
 
 import pytest
 
@@ -145,7 +144,8 @@ def demo_prompts_spec(tmp_path_factory):
 
 
 def test_sample_and_score_is_seeded_and_a_policy_has_no_kl_to_itself(tiny_llama_dir, demo_prompts_spec):
-    from ppo.demo.evaluate import PromptSet, load_causal_lm, load_tokenizer, sample_and_score
+    from ppo.demo.evaluate import PromptSet, load_causal_lm, sample_and_score
+    from ppo.model_io import load_tokenizer
     from ppo.models import AutoModelForScore
 
     tokenizer = load_tokenizer(tiny_llama_dir)
@@ -168,7 +168,8 @@ def test_sample_and_score_is_seeded_and_a_policy_has_no_kl_to_itself(tiny_llama_
 
 
 def test_prompt_set_rejects_prompts_outside_the_demo_task(tiny_llama_dir, test_data_dir):
-    from ppo.demo.evaluate import PromptSet, load_tokenizer
+    from ppo.demo.evaluate import PromptSet
+    from ppo.model_io import load_tokenizer
 
     spec = f"PKU-SafeRLHF/test:1:{test_data_dir / 'PKU-Alignment' / 'PKU-SafeRLHF' / 'test.jsonl'}"
     with pytest.raises(ValueError, match="names exactly one colour"):

@@ -36,6 +36,7 @@ import paddle
 from tqdm.auto import tqdm
 
 from ppo.demo import task
+from ppo.model_io import load_tokenizer
 
 # Room for the longest answer of the demo task (opener + answer + closing is at most ~15 pieces
 # with the demo tokenizer) with slack to see whether a policy rambles.
@@ -131,15 +132,6 @@ def load_reward_model(path: str):
     model = AutoModelForScore.from_pretrained(path, dtype="float32", score_type="reward", do_normalize=False)
     model.eval()
     return model
-
-
-def load_tokenizer(path: str):
-    from paddlenlp.transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 @paddle.no_grad()
