@@ -239,7 +239,7 @@ def test_rerooted_value_moves_paths_and_dataset_spec_paths_only():
 
 def test_output_root_with_a_spec_separator_is_refused():
     with pytest.raises(ValueError, match="contains ':' or ','"):
-        Layout("/tmp/a:b")
+        Layout("runs/a:b")
 
 
 def test_config_overrides_only_when_root_or_seed_differ():
