@@ -53,6 +53,15 @@ def model_dtype(args: TrainingArguments) -> str:
     return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
 
 
+def model_placement(args: TrainingArguments) -> dict:
+    """`from_pretrained` keywords for this run: dtype, and under tensor parallel this rank's slice."""
+    return dict(
+        dtype=model_dtype(args),
+        tensor_parallel_degree=args.tensor_parallel_degree,
+        tensor_parallel_rank=args.tensor_parallel_rank,
+    )
+
+
 def build_stage_trainer(trainer_class, args: StageArguments, model, tokenizer, dataset_class) -> Trainer:
     """The stage's Trainer on `dataset_class` built from the train/eval dataset specs."""
 

@@ -26,7 +26,7 @@ from paddlenlp.transformers import AutoTokenizer  # noqa: E402
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import PreferenceDataset  # noqa: E402
 from ppo.models import AutoModelForScore  # noqa: E402
-from ppo.stage import build_stage_trainer, model_dtype, run_stage  # noqa: E402
+from ppo.stage import build_stage_trainer, model_placement, run_stage  # noqa: E402
 from rm.reward_trainer import RewardArguments, RewardTrainer  # noqa: E402
 
 
@@ -34,10 +34,7 @@ def build_trainer(args: RewardArguments) -> RewardTrainer:
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForScore.from_pretrained(
         args.model_name_or_path,
-        dtype=model_dtype(args),
-        # Under tensor parallel each rank builds its slice (the score head is replicated).
-        tensor_parallel_degree=args.tensor_parallel_degree,
-        tensor_parallel_rank=args.tensor_parallel_rank,
+        **model_placement(args),  # under tensor parallel the score head is replicated
         score_type="reward",
         do_normalize=args.normalize_score_during_training,
         normalizer_type=args.normalizer_type,

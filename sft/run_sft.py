@@ -29,7 +29,7 @@ from paddlenlp.transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: 
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import SupervisedDataset  # noqa: E402
 from ppo.models.ppo_model_utils import make_position_ids, supervised_lm_loss  # noqa: E402
-from ppo.stage import StageArguments, build_stage_trainer, model_dtype, run_stage  # noqa: E402
+from ppo.stage import StageArguments, build_stage_trainer, model_placement, run_stage  # noqa: E402
 
 
 @dataclass
@@ -65,11 +65,8 @@ def build_trainer(args: SftArguments) -> SupervisedTrainer:
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         args.model_name_or_path,
-        dtype=model_dtype(args),
-        # Under tensor parallel each rank builds its slice; the loss needs full-vocabulary logits.
-        tensor_parallel_degree=args.tensor_parallel_degree,
-        tensor_parallel_rank=args.tensor_parallel_rank,
-        tensor_parallel_output=False,
+        **model_placement(args),
+        tensor_parallel_output=False,  # the loss needs full-vocabulary logits on every rank
     )
     return build_stage_trainer(SupervisedTrainer, args, model, tokenizer, SupervisedDataset)
 
