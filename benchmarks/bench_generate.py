@@ -18,12 +18,11 @@ Prints progress lines, then one line of JSON (the last line). Usage, from anywhe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchutil import PEER_HF_GENERATE_TOKENS_PER_SECOND, peak_rss_mib, setup_process, time_repeats  # noqa: E402
+from benchutil import PEER_HF_GENERATE_TOKENS_PER_SECOND, emit_result, peak_rss_mib, setup_process, time_repeats  # noqa: E402
 
 SHAPES = {
     "default": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, vocab_size=1000),
@@ -137,10 +136,7 @@ def main(argv=None):
                    "new_tokens": args.new_tokens, "reps": args.reps, "warmup": args.warmup, "dtype": "float32"},
         "environment": {**environment, "paddle": paddle.__version__, "cpu_count": os.cpu_count()},
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    emit_result(result, args.json)
 
 
 if __name__ == "__main__":

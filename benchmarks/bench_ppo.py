@@ -18,7 +18,6 @@ Prints progress lines, then one line of JSON (the last line). Usage, from anywhe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ from benchutil import (  # noqa: E402
     PEER_TRL_PPO_PEAK_RSS_MIB,
     PEER_TRL_PPO_STEP_SECONDS,
     Window,
+    emit_result,
     peak_rss_mib,
     setup_process,
 )
@@ -224,10 +224,7 @@ def main(argv=None):
     }
     print(f"PPO step median {step_median:.3f} s over {len(measured)} steps -> {new_tokens / step_median:.1f} generated tokens/s "
           f"end to end; phases (s): {phases}; peak RSS {rss:.0f} MiB", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    emit_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,13 @@ def time_repeats(fn, repeats: int, warmup: int) -> dict:
         "own_cpu_s_median": statistics.median(cpus),
         "foreign_cores_avg": round(window.foreign_cores, 2),
     }
+
+
+def emit_result(result: dict, json_path=None) -> None:
+    """The benchmark's final line: one JSON object on stdout (and in `json_path` if given)."""
+    import json
+
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
