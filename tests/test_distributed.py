@@ -118,56 +118,55 @@ def _parallel_settings(mode: str, processes: int) -> dict:
     return settings
 
 
-def sft_config(assets, output_dir, mode, processes) -> dict:
+def _stage_config(output_dir, mode, processes, **keys) -> dict:
+    """Settings shared by the SFT and RM runs; `keys` add or override."""
     return {
-        "model_name_or_path": assets["base"],
-        "train_datasets": f"alpaca:1:{assets['sft']}",
-        "eval_datasets": f"alpaca:1:{assets['sft_eval']}",
         "output_dir": str(output_dir),
         "max_length": 48,
         "per_device_train_batch_size": 4,
         "per_device_eval_batch_size": 8,
         "num_train_epochs": 1,
         "learning_rate": 3e-3,
-        "lr_scheduler_type": "linear",
-        "warmup_steps": 1,
         "max_grad_norm": 1.0,
         "logging_steps": 1,
         "save_strategy": "no",
         "evaluation_strategy": "no",
         "do_train": True,
         "report_to": ["none"],
-        "seed": 11,
         "disable_tqdm": True,
+        **keys,
         **_parallel_settings(mode, processes),
     }
+
+
+def sft_config(assets, output_dir, mode, processes) -> dict:
+    return _stage_config(
+        output_dir,
+        mode,
+        processes,
+        model_name_or_path=assets["base"],
+        train_datasets=f"alpaca:1:{assets['sft']}",
+        eval_datasets=f"alpaca:1:{assets['sft_eval']}",
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        seed=11,
+    )
 
 
 def rm_config(assets, output_dir, mode, processes) -> dict:
-    return {
-        "model_name_or_path": assets["base"],
-        "train_datasets": f"PKU-SafeRLHF/train:1:{assets['pairs']}",
-        "eval_datasets": f"PKU-SafeRLHF/test:1:{assets['pairs_eval']}",
-        "output_dir": str(output_dir),
-        "max_length": 48,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 8,
-        "num_train_epochs": 1,
-        "learning_rate": 3e-3,
-        "max_grad_norm": 1.0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "evaluation_strategy": "no",
-        "do_train": True,
-        "report_to": ["none"],
-        "seed": 12,
-        "disable_tqdm": True,
+    return _stage_config(
+        output_dir,
+        mode,
+        processes,
+        model_name_or_path=assets["base"],
+        train_datasets=f"PKU-SafeRLHF/train:1:{assets['pairs']}",
+        eval_datasets=f"PKU-SafeRLHF/test:1:{assets['pairs_eval']}",
+        seed=12,
         # Statistics are tracked from the all-gathered end scores; training uses raw scores so that
         # the loss does not depend on how many processes updated the statistics before it.
-        "normalizer_type": "RunningMeanStd",
-        "loss_type": "sequence-wise",
-        **_parallel_settings(mode, processes),
-    }
+        normalizer_type="RunningMeanStd",
+        loss_type="sequence-wise",
+    )
 
 
 def ppo_config(assets, output_dir, mode, processes) -> dict:
