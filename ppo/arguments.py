@@ -13,6 +13,7 @@ from typing import Optional
 
 from paddlenlp.trainer import TrainingArguments
 
+from ppo.data.templates import DEFAULT_TEMPLATE, check_template_arguments
 from ppo.models.ppo_model_utils import KLEstimator, Reduction
 
 OFFLOAD_TOKENS = ("freeze_model", "optimizer", "train_model")
@@ -46,8 +47,17 @@ class PPODataArguments:
         default=512,
         metadata={"help": "Maximum total tokens of prompt + response; prompts longer than this are dropped."},
     )
+    prompt_template: str = field(
+        default=DEFAULT_TEMPLATE,
+        metadata={"help": "Conversation layout: 'safe-rlhf' or 'chat' (the tokenizer's chat template); the one "
+                          "the SFT and reward models were trained with. Generation stops at its end-of-turn token."},
+    )
+    system_prompt: Optional[str] = field(
+        default=None, metadata={"help": "System message that opens every conversation (prompt_template 'chat' only)."}
+    )
 
     def __post_init__(self):
+        check_template_arguments(self.prompt_template, self.system_prompt)
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {self.max_length}")
 

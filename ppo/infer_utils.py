@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import paddle
@@ -46,7 +46,8 @@ class RolloutOutput:
     contiguous rows (repeat_interleave order).
 
     The response part is `T` columns wide, where T is the longest response in the batch (at most
-    `max_new_tokens`): columns after a row's EOS hold `pad_token_id`.
+    `max_new_tokens`): columns after a row's stop token hold `pad_token_id`. "EOS" below means any
+    stop token (the tokenizer's EOS, or a chat template's end-of-turn token such as `<|im_end|>`).
     """
 
     sequences: paddle.Tensor  # [B*n, P+T] int64: left-padded prompt, then response, pad after EOS
@@ -133,9 +134,20 @@ def build_output(
     return RolloutOutput(sequences, attention_mask, int(prompt_ids.shape[1]), log_probs)
 
 
-def response_lengths_from_tokens(tokens: np.ndarray, eos_token_id: int) -> np.ndarray:  # [N, T] -> [N]
-    """Length up to and including the first EOS; the full width when a row never emits EOS."""
-    is_eos = tokens == eos_token_id
+StopTokens = Union[int, Sequence[int]]
+
+
+def stop_token_tuple(stop_token_ids: StopTokens) -> tuple[int, ...]:
+    """One stop id or several (e.g. `<|im_end|>` and EOS) as a non-empty tuple of ints."""
+    ids = (stop_token_ids,) if isinstance(stop_token_ids, (int, np.integer)) else tuple(stop_token_ids)
+    if not ids or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in ids):
+        raise ValueError(f"stop token ids must be an int or a non-empty sequence of ints, got {stop_token_ids!r}")
+    return tuple(int(i) for i in ids)
+
+
+def response_lengths_from_tokens(tokens: np.ndarray, stop_token_ids: StopTokens) -> np.ndarray:  # [N, T] -> [N]
+    """Length up to and including the first stop token; the full width when a row never emits one."""
+    is_eos = np.isin(tokens, stop_token_tuple(stop_token_ids))
     first_eos = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, tokens.shape[1])
     return first_eos.astype("int64")
 
@@ -146,12 +158,15 @@ class RolloutEngine:
     backend: "auto" (fused if `use_fusemt` and `paddlenlp_ops` is importable and the model is not
     pipeline parallel, else decoder if the architecture is supported, else generate), or force
     one of "fused", "decoder", "generate".
+
+    `eos_token_id`: the token that ends a response, or several (a chat template's end-of-turn
+    token, then the tokenizer's EOS); a response ends at the first of them it emits.
     """
 
     def __init__(
         self,
         model,
-        eos_token_id: int,
+        eos_token_id: StopTokens,
         pad_token_id: int,
         use_fusemt: bool = True,
         backend: str = "auto",
@@ -162,7 +177,8 @@ class RolloutEngine:
         if eos_token_id is None or pad_token_id is None:
             raise ValueError(f"eos_token_id and pad_token_id must be set, got {eos_token_id} and {pad_token_id}")
         self.model = model
-        self.eos_token_id = int(eos_token_id)
+        self.stop_token_ids = stop_token_tuple(eos_token_id)
+        self.eos_token_id = self.stop_token_ids[0]
         self.pad_token_id = int(pad_token_id)
         self.use_fusemt = use_fusemt
         self.compact_finished_rows = compact_finished_rows
@@ -228,13 +244,13 @@ class RolloutEngine:
         input_ids = input_ids.astype("int64")
         attention_mask = attention_mask.astype("int64")
         if self.backend == "decoder":
-            return DecoderRollout(self.model, self.eos_token_id, self.pad_token_id, self.compact_finished_rows).run(
+            return DecoderRollout(self.model, self.stop_token_ids, self.pad_token_id, self.compact_finished_rows).run(
                 input_ids, attention_mask, settings
             )
         if self.backend == "generate":
-            return generate_with_paddlenlp(self.model, self.eos_token_id, self.pad_token_id, input_ids, attention_mask, settings)
+            return generate_with_paddlenlp(self.model, self.stop_token_ids, self.pad_token_id, input_ids, attention_mask, settings)
         if self._fused is None:
-            self._fused = FusedRollout(self.model, self.eos_token_id, self.pad_token_id)
+            self._fused = FusedRollout(self.model, self.stop_token_ids, self.pad_token_id)
         return self._fused.run(input_ids, attention_mask, settings)
 
 
@@ -259,12 +275,12 @@ class DecoderRollout:
     Rows are decoded in lockstep (one shared cache slot per step). A finished row keeps emitting
     pad until it is dropped: when at least a quarter of the rows still in the batch are finished,
     they are removed from the cache (a gather) so later steps do less work. The loop ends when
-    every row has emitted EOS or after `max_new_tokens` steps.
+    every row has emitted a stop token or after `max_new_tokens` steps.
     """
 
-    def __init__(self, model, eos_token_id: int, pad_token_id: int, compact_finished_rows: bool = True):
+    def __init__(self, model, stop_token_ids: StopTokens, pad_token_id: int, compact_finished_rows: bool = True):
         self.model = model
-        self.eos_token_id = eos_token_id
+        self.stop_token_ids = stop_token_tuple(stop_token_ids)
         self.pad_token_id = pad_token_id
         self.compact_finished_rows = compact_finished_rows
 
@@ -298,6 +314,7 @@ class DecoderRollout:
         seen = self._prompt_vocabulary(prompt_ids, prompt_mask, logits.shape[-1]) if penalise else None
         finished = paddle.zeros([total_rows], dtype="bool")
         pad = paddle.full([], self.pad_token_id, dtype="int64")
+        stops = paddle.to_tensor(list(self.stop_token_ids), dtype="int64")  # [S]
         segment = _Segment(rows=np.arange(total_rows), first_step=0)
         segments = [segment]
 
@@ -313,7 +330,7 @@ class DecoderRollout:
             segment.tokens.append(tokens)
             if settings.return_log_probs:
                 segment.log_probs.append(chosen_log_probs(raw_logits, tokens, settings.temperature))
-            finished = finished | (tokens == self.eos_token_id)
+            finished = finished | (tokens.unsqueeze(-1) == stops).any(axis=-1)
             if step == steps - 1:
                 break
             active = finished.shape[0]
@@ -342,7 +359,7 @@ class DecoderRollout:
             response[seg.rows, seg.first_step : end] = paddle.stack(seg.tokens, axis=1).numpy()
             if log_probs is not None:
                 log_probs[seg.rows, seg.first_step : end] = paddle.stack(seg.log_probs, axis=1).numpy()
-        lengths = response_lengths_from_tokens(response, self.eos_token_id)
+        lengths = response_lengths_from_tokens(response, self.stop_token_ids)
         return build_output(prompt_ids, prompt_mask, response, lengths, log_probs)
 
     @staticmethod
@@ -363,12 +380,13 @@ class DecoderRollout:
 # Backend: PaddleNLP generate
 
 
-def generate_with_paddlenlp(model, eos_token_id: int, pad_token_id: int, input_ids, attention_mask, settings: GenerationSettings) -> RolloutOutput:
+def generate_with_paddlenlp(model, eos_token_id: StopTokens, pad_token_id: int, input_ids, attention_mask, settings: GenerationSettings) -> RolloutOutput:
     """PaddleNLP's `model.generate` with the KV cache, on left-padded prompts.
 
     Its repetition penalty counts every id in `input_ids`, padding included (the decoder backend
     counts real tokens only).
     """
+    stops = stop_token_tuple(eos_token_id)
     copies = settings.num_return_sequences
     if copies > 1:
         rows = paddle.arange(input_ids.shape[0], dtype="int64").repeat_interleave(copies)
@@ -383,13 +401,13 @@ def generate_with_paddlenlp(model, eos_token_id: int, pad_token_id: int, input_i
         top_p=settings.top_p,
         top_k=0,
         repetition_penalty=settings.repetition_penalty,
-        eos_token_id=eos_token_id,
+        eos_token_id=stops[0] if len(stops) == 1 else list(stops),  # generate() stops at any id of a list
         pad_token_id=pad_token_id,
         use_cache=True,
         trunc_input=True,
     )
     tokens = tokens.numpy().astype("int64")
-    lengths = response_lengths_from_tokens(tokens, eos_token_id)
+    lengths = response_lengths_from_tokens(tokens, stops)
     # generate() already writes pad after EOS; re-pad to be independent of that detail.
     tokens = np.where(np.arange(tokens.shape[1])[None, :] < lengths[:, None], tokens, pad_token_id)
     return build_output(input_ids, attention_mask, tokens, lengths)
@@ -412,7 +430,7 @@ class FusedRollout:
     relies on (qkv split/pack, re-padding) are unit-tested on CPU.
     """
 
-    def __init__(self, model, eos_token_id: int, pad_token_id: int):
+    def __init__(self, model, eos_token_id: StopTokens, pad_token_id: int):
         import copy
 
         import paddlenlp_ops  # noqa: F401  GPU kernels of the fused model
@@ -430,7 +448,10 @@ class FusedRollout:
         with dtype_guard(self.dtype):
             self.inference_model = inference_class(config)
         self.inference_model.eval()
-        self.model, self.eos_token_id, self.pad_token_id = model, eos_token_id, pad_token_id
+        # The fused kernel takes one EOS per row: it stops at the first stop id; the responses are
+        # cut at whichever stop id comes first afterwards (`response_lengths_from_tokens`).
+        self.stop_token_ids = stop_token_tuple(eos_token_id)
+        self.model, self.eos_token_id, self.pad_token_id = model, self.stop_token_ids[0], pad_token_id
 
     @paddle.no_grad()
     def sync_weights(self) -> None:
@@ -482,7 +503,7 @@ class FusedRollout:
         width = inputs["input_ids"].shape[1]
         tokens = paddle.concat([seen["ids"][:, width:], last_tokens.astype("int64")], axis=-1).numpy()
         tokens = tokens[:, : settings.max_new_tokens]
-        lengths = response_lengths_from_tokens(tokens, self.eos_token_id)
+        lengths = response_lengths_from_tokens(tokens, self.stop_token_ids)
         tokens = np.where(np.arange(tokens.shape[1])[None, :] < lengths[:, None], tokens, self.pad_token_id)
         return build_output(prompt_ids, prompt_mask, tokens, lengths)
 

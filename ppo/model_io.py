@@ -136,12 +136,10 @@ def tokenizers_match(first, second) -> bool:
     )
 
 
-def load_tokenizer(path: str):
-    """A tokenizer for generation: left padding, and EOS as pad when the tokenizer has no pad token
-    (masks are built from lengths everywhere, so pad == eos is safe)."""
-    from paddlenlp.transformers import AutoTokenizer
+def load_tokenizer(path: str, padding_side: str = "left"):
+    """The tokenizer of a model directory, giving transformers' ids (the fast tokenizer whenever
+    `tokenizer.json` exists; see `ppo.tokenizer_io`). Left padding for generation by default;
+    EOS as pad when the tokenizer has no pad token (masks are built from lengths everywhere)."""
+    from ppo.tokenizer_io import load_tokenizer as load
 
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load(path, padding_side=padding_side)

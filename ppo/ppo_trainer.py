@@ -62,11 +62,13 @@ from ppo.comm_utils import (
     optimizer_movers,
     reduce_metrics,
 )
+from ppo.data.templates import build_template
 from ppo.experience import Experience, PromptBatch
 from ppo.infer_utils import RolloutEngine, RolloutOutput
 from ppo.model_io import load_model_weights, save_model_dir, tokenizers_match
 from ppo.models.ppo_model_utils import action_mask_from, gather_log_probs, make_position_ids, response_lengths
 from ppo.plotting import plot_training_curves
+from ppo.tokenizer_io import decode
 from ppo.trainer_utils import (
     EpochSampler,
     GradientSync,
@@ -156,6 +158,11 @@ class PPOTrainer:
                 parameter.stop_gradient = True
         # Re-tokenise for the reward model only when its vocabulary differs from the actor's.
         self.reward_tokenizer = None if reward_tokenizer is None or tokenizers_match(tokenizer, reward_tokenizer) else reward_tokenizer
+        # A response ends at the prompts' template's end-of-turn token (and EOS), in generation
+        # and in every mask built from the rollout.
+        self.template = getattr(train_dataset, "template", None)
+        self.stop_token_ids = self.template.stop_token_ids if self.template is not None else (tokenizer.eos_token_id,)
+        self.reward_template, self._prompt_turns = self._reward_rendering(train_dataset, eval_dataset)
 
         self.actor_trainer = PolicyTrainer(model=actor_model, args=args, tokenizer=tokenizer, callbacks=callbacks)
         self.critic_trainer = ValueTrainer(model=critic_model, args=args.critic_arguments(), tokenizer=tokenizer)
@@ -166,7 +173,7 @@ class PPOTrainer:
 
         self.engine = RolloutEngine(
             self.rollout_actor,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=self.stop_token_ids,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             use_fusemt=args.use_fusemt,
         )
@@ -195,6 +202,22 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------
     # Set-up
+
+    def _reward_rendering(self, *prompt_datasets):
+        """(template, prompt ids -> raw turns) for a reward model with its own tokenizer: it reads
+        each conversation as it was trained on, i.e. the same template rendered by its tokenizer,
+        so prompts are re-rendered from their raw turns (found by the prompt's ids, which identify
+        its text) instead of being decoded from the actor's ids."""
+        if self.reward_tokenizer is None or self.template is None:
+            return None, {}
+        template = build_template(self.template.NAME, self.reward_tokenizer, self.template.system_prompt)
+        turns = {}
+        for dataset in prompt_datasets:
+            for index in range(len(dataset) if dataset is not None else 0):
+                item = dataset[index]
+                if "turns" in item:
+                    turns[tuple(item["input_ids"])] = item["turns"]
+        return template, turns
 
     def _resolve_max_steps(self) -> int:
         args = self.args
@@ -303,11 +326,16 @@ class PPOTrainer:
         return gather_log_probs(logits, input_ids[:, 1:])
 
     @paddle.no_grad()
-    def reward_scores(self, input_ids: paddle.Tensor, attention_mask: paddle.Tensor) -> paddle.Tensor:  # [B]
+    def reward_scores(
+        self,
+        input_ids: paddle.Tensor,  # [B, P+T] left-padded prompt, response
+        attention_mask: paddle.Tensor,  # [B, P+T]
+        prompt_length: Optional[int] = None,  # P; lets a prompt be re-rendered for another tokenizer
+    ) -> paddle.Tensor:  # [B]
         """Reward-model end scores of whole sequences, re-tokenised when the RM's vocabulary differs."""
         self._require("reward_model")
         if self.reward_tokenizer is not None:
-            input_ids, attention_mask = self._retokenize_for_reward(input_ids, attention_mask)
+            input_ids, attention_mask = self._retokenize_for_reward(input_ids, attention_mask, prompt_length)
         with self.actor_trainer.autocast_smart_context_manager():
             output = self.reward_model(
                 input_ids=input_ids,
@@ -316,21 +344,39 @@ class PPOTrainer:
             )
         return output.end_scores[:, 0].astype("float32")
 
-    def _retokenize_for_reward(self, input_ids, attention_mask):
-        eos = self.tokenizer.eos_token_id
-        reward_eos = self.reward_tokenizer.eos_token_id
+    def _retokenize_for_reward(self, input_ids, attention_mask, prompt_length: Optional[int] = None):
         rows = []
         for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
             real = [token for token, keep in zip(ids, mask) if keep]
-            ended = bool(real) and real[-1] == eos
-            text = self.tokenizer.decode(real, skip_special_tokens=True)
-            encoded = self.reward_tokenizer(text, add_special_tokens=True)["input_ids"]
-            rows.append(encoded + ([reward_eos] if ended else []))
+            prompt = None if prompt_length is None else [t for t, keep in zip(ids[:prompt_length], mask[:prompt_length]) if keep]
+            turns = None if prompt is None else self._prompt_turns.get(tuple(prompt))
+            if turns is not None:
+                rows.append(self._rerender_for_reward(turns, real[len(prompt) :]))
+            elif self.template is not None and not self.template.IS_PLAIN_TEXT:
+                raise ValueError(
+                    f"cannot re-tokenise for the reward model a {self.template.NAME!r}-template sequence whose prompt is "
+                    "not one of the prompt datasets' (its raw turns are needed to render it with the reward tokenizer)"
+                )
+            else:
+                # A plain-text template (safe-rlhf): decoding and re-encoding keeps the layout.
+                ended = bool(real) and real[-1] in self.stop_token_ids
+                text = decode(self.tokenizer, real, skip_special_tokens=True)
+                encoded = self.reward_tokenizer(text, add_special_tokens=True)["input_ids"]
+                rows.append(encoded + ([self.reward_tokenizer.eos_token_id] if ended else []))
+        reward_eos = self.reward_tokenizer.eos_token_id
         width = max(len(row) for row in rows)
         pad = self.reward_tokenizer.pad_token_id if self.reward_tokenizer.pad_token_id is not None else reward_eos
         ids = paddle.to_tensor([row + [pad] * (width - len(row)) for row in rows], dtype="int64")
         mask = paddle.to_tensor([[True] * len(row) + [False] * (width - len(row)) for row in rows])
         return ids, mask
+
+    def _rerender_for_reward(self, turns, response: List[int]) -> List[int]:
+        """Prompt turns + the decoded response in the reward tokenizer's template, ending with its
+        end-of-turn token when the actor's response ended (not when it hit the length limit)."""
+        ended = bool(response) and response[-1] in self.stop_token_ids
+        answer = decode(self.tokenizer, response[:-1] if ended else response, skip_special_tokens=True)
+        ids = self.reward_template.encode_turns(list(turns) + [answer]).input_ids
+        return ids if ended else ids[:-1]  # the template closes every answer with its end-of-turn token
 
     @paddle.no_grad()
     def make_experience(self, prompt_batch: PromptBatch) -> Experience:
@@ -361,7 +407,7 @@ class PPOTrainer:
                     old_log_probs=self._token_log_probs(self.rollout_actor, input_ids, attention_mask, position_ids),
                     reference_log_probs=self._token_log_probs(self.reference_model, input_ids, attention_mask, position_ids),
                     old_values=values.astype("float32"),
-                    reward_scores=self.reward_scores(input_ids, attention_mask),
+                    reward_scores=self.reward_scores(input_ids, attention_mask, rollout.prompt_length),
                 )
             )
         batch = {name: paddle.concat([chunk[name] for chunk in chunks], axis=0) for name in chunks[0]}
@@ -553,7 +599,7 @@ class PPOTrainer:
         for start in range(0, len(indices), args.per_device_eval_batch_size):
             batch = collate([dataset[i] for i in indices[start : start + args.per_device_eval_batch_size]])
             rollout = self.generate(PromptBatch.from_collated(batch), num_return_sequences=1, longest_prompt=longest_prompt)
-            batch_scores = self.reward_scores(rollout.sequences, rollout.attention_mask)
+            batch_scores = self.reward_scores(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
             score_sum += float(batch_scores.astype("float64").sum())
             action_mask = action_mask_from(rollout.attention_mask, rollout.prompt_length)
             length_sum += float(response_lengths(action_mask).astype("float64").sum())
@@ -578,8 +624,8 @@ class PPOTrainer:
             response = [t for t, keep in zip(ids[prompt_length:], mask[prompt_length:]) if keep]
             samples.append(
                 {
-                    "prompt": self.tokenizer.decode(prompt, skip_special_tokens=True),
-                    "response": self.tokenizer.decode(response, skip_special_tokens=True),
+                    "prompt": decode(self.tokenizer, prompt, skip_special_tokens=True),
+                    "response": decode(self.tokenizer, response, skip_special_tokens=True),
                     "reward": score,
                 }
             )

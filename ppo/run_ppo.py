@@ -28,8 +28,10 @@ from paddlenlp.utils.log import logger  # noqa: E402
 from ppo.arguments import PPODataArguments, PPOModelArguments, PPOTrainingArguments  # noqa: E402
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import PromptOnlyDataset, SupervisedDataset  # noqa: E402
+from ppo.model_import import resolve_model_fields  # noqa: E402
 from ppo.model_io import load_tokenizer, tokenizers_match  # noqa: E402
 from ppo.models import AutoModelForScore  # noqa: E402
+from ppo.models.kernels import make_config_cpu_safe  # noqa: E402
 from ppo.models.model_pp import PolicyLossConfig, ValueLossConfig, pipe_model_class  # noqa: E402
 from ppo.models.parallel_utils import (  # noqa: E402
     causal_lm_class_for,
@@ -49,6 +51,7 @@ def model_config(path: str, args: PPOTrainingArguments, recompute: bool = False)
     config.tensor_parallel_rank = args.tensor_parallel_rank
     # Log-probabilities need the full vocabulary on every rank, not this rank's slice of the logits.
     config.tensor_parallel_output = False
+    make_config_cpu_safe(config)
     return config
 
 
@@ -142,6 +145,10 @@ def _empty_model(model_class, config):
 
 def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, training_args: PPOTrainingArguments):
     paddle.seed(training_args.seed)
+    # Hugging Face directories and GGUF files → cached Paddle directories (every rank may call this).
+    model_args = resolve_model_fields(
+        model_args, "actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path"
+    )
     tokenizer = load_tokenizer(model_args.actor_model_name_or_path)
     require_score_model(model_args.reward_model_name_or_path, "reward_model_name_or_path")
     reward_tokenizer = load_tokenizer(model_args.reward_model_name_or_path)
@@ -155,14 +162,18 @@ def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, tr
     models = build_models(model_args, training_args)
 
     # Prompts must leave room for at least one generated token.
-    train_dataset = PromptOnlyDataset(data_args.train_datasets, tokenizer, max_length=data_args.max_length - 1, seed=training_args.seed)
+    # Every dataset renders conversations with the same template (the one SFT and RM trained on).
+    template = dict(prompt_template=data_args.prompt_template, system_prompt=data_args.system_prompt)
+    train_dataset = PromptOnlyDataset(
+        data_args.train_datasets, tokenizer, max_length=data_args.max_length - 1, seed=training_args.seed, **template
+    )
     eval_dataset = (
-        PromptOnlyDataset(data_args.eval_datasets, tokenizer, max_length=data_args.max_length - 1, seed=training_args.seed)
+        PromptOnlyDataset(data_args.eval_datasets, tokenizer, max_length=data_args.max_length - 1, seed=training_args.seed, **template)
         if data_args.eval_datasets
         else None
     )
     ptx_dataset = (
-        SupervisedDataset(data_args.ptx_datasets, tokenizer, max_length=data_args.max_length, seed=training_args.seed)
+        SupervisedDataset(data_args.ptx_datasets, tokenizer, max_length=data_args.max_length, seed=training_args.seed, **template)
         if data_args.ptx_datasets
         else None
     )

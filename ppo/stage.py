@@ -10,6 +10,8 @@ from typing import Callable, Dict, Optional
 from paddlenlp.trainer import Trainer, TrainingArguments
 from paddlenlp.utils.log import logger
 
+from ppo.data.templates import DEFAULT_TEMPLATE, check_template_arguments
+
 
 @dataclass
 class StageArguments(TrainingArguments):
@@ -30,8 +32,17 @@ class StageArguments(TrainingArguments):
         default=None, metadata={"help": "Datasets to evaluate on; no evaluation when absent."}
     )
     max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + answer; longer is truncated."})
+    prompt_template: str = field(
+        default=DEFAULT_TEMPLATE,
+        metadata={"help": "Conversation layout: 'safe-rlhf' (BEGINNING OF CONVERSATION: USER: ... ASSISTANT:) or "
+                          "'chat' (the tokenizer's own chat template). Use the same one in every stage."},
+    )
+    system_prompt: Optional[str] = field(
+        default=None, metadata={"help": "System message that opens every conversation (prompt_template 'chat' only)."}
+    )
 
     def __post_init__(self):
+        check_template_arguments(self.prompt_template, self.system_prompt)
         if not self.model_name_or_path:
             raise ValueError(f"model_name_or_path is required: {self.MODEL_ROLE}")
         if self.max_length < 2:
@@ -54,11 +65,15 @@ def model_dtype(args: TrainingArguments) -> str:
 
 
 def model_placement(args: TrainingArguments) -> dict:
-    """`from_pretrained` keywords for this run: dtype, and under tensor parallel this rank's slice."""
+    """`from_pretrained` keywords for this run: dtype, under tensor parallel this rank's slice, and
+    on CPU the config flags of fused kernels switched off (`ppo.models.kernels`)."""
+    from ppo.models.kernels import cpu_safe_config_overrides
+
     return dict(
         dtype=model_dtype(args),
         tensor_parallel_degree=args.tensor_parallel_degree,
         tensor_parallel_rank=args.tensor_parallel_rank,
+        **cpu_safe_config_overrides(),
     )
 
 
@@ -66,7 +81,10 @@ def build_stage_trainer(trainer_class, args: StageArguments, model, tokenizer, d
     """The stage's Trainer on `dataset_class` built from the train/eval dataset specs."""
 
     def dataset(specs):
-        return dataset_class(specs, tokenizer, max_length=args.max_length, seed=args.seed)
+        return dataset_class(
+            specs, tokenizer, max_length=args.max_length, seed=args.seed,
+            prompt_template=args.prompt_template, system_prompt=args.system_prompt,
+        )  # fmt: skip
 
     train_dataset = dataset(args.train_datasets) if args.do_train else None
     eval_dataset = dataset(args.eval_datasets) if args.eval_datasets else None

@@ -144,3 +144,66 @@ def save_tiny_causal_lm(output_dir: str, architecture: str = "llama", seed: int 
 
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(output_dir)
     return model
+
+
+# ChatML, as Qwen2 chat models write it: every message is `<|im_start|>{role}\n{content}<|im_end|>\n`.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def build_chatml_tokenizer(
+    output_dir: str,
+    tokenizer_class: str = "GPT2Tokenizer",
+    texts: Optional[Iterable[str]] = None,
+    vocab_size: int = 400,
+    chat_template: Optional[str] = CHATML_TEMPLATE,
+) -> str:
+    """Train a byte-level BPE (the GPT-2 / Qwen2 kind) with the `tokenizers` library and save it as
+    a Hugging Face directory holds it: `tokenizer.json` plus a `tokenizer_config.json` naming
+    `tokenizer_class`, EOS and pad `<|endoftext|>`, the ChatML special tokens and `chat_template`
+    (None: no template). PaddleNLP is not involved. Returns `output_dir`."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if texts is None:  # the template's own words too, so that roles get merges of their own
+        texts = default_corpus() + [f"<|im_start|>{role}\n{line}<|im_end|>\n" for line in default_corpus()[:40]
+                                    for role in ("system", "user", "assistant")]
+    lines = [line for line in texts if line.strip()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(CHATML_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(lines, trainer)
+    os.makedirs(output_dir, exist_ok=True)
+    tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
+    config = {
+        "tokenizer_class": tokenizer_class,
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 512,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {
+            str(tokenizer.token_to_id(token)): {
+                "content": token, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": True,
+            }
+            for token in CHATML_SPECIAL_TOKENS
+        },
+    }  # fmt: skip
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+    return output_dir

@@ -21,19 +21,21 @@ elif _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 from paddlenlp.trainer import set_seed  # noqa: E402
-from paddlenlp.transformers import AutoTokenizer  # noqa: E402
 
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import PreferenceDataset  # noqa: E402
+from ppo.model_io import load_tokenizer  # noqa: E402
+from ppo.model_import import resolve_model_path  # noqa: E402
 from ppo.models import AutoModelForScore  # noqa: E402
 from ppo.stage import build_stage_trainer, model_placement, run_stage  # noqa: E402
 from rm.reward_trainer import RewardArguments, RewardTrainer  # noqa: E402
 
 
 def build_trainer(args: RewardArguments) -> RewardTrainer:
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model_path = resolve_model_path(args.model_name_or_path, role="model_name_or_path")  # HF dir / GGUF → Paddle dir
+    tokenizer = load_tokenizer(model_path, padding_side="right")  # fast tokenizer when tokenizer.json exists
     model = AutoModelForScore.from_pretrained(
-        args.model_name_or_path,
+        model_path,
         **model_placement(args),  # under tensor parallel the score head is replicated
         score_type="reward",
         do_normalize=args.normalize_score_during_training,

@@ -24,10 +24,12 @@ elif _REPO_ROOT not in sys.path:
 
 import paddle  # noqa: E402
 from paddlenlp.trainer import Trainer, set_seed  # noqa: E402
-from paddlenlp.transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from paddlenlp.transformers import AutoModelForCausalLM  # noqa: E402
 
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import SupervisedDataset  # noqa: E402
+from ppo.model_io import load_tokenizer  # noqa: E402
+from ppo.model_import import resolve_model_path  # noqa: E402
 from ppo.models.ppo_model_utils import make_position_ids, supervised_lm_loss  # noqa: E402
 from ppo.stage import StageArguments, build_stage_trainer, model_placement, run_stage  # noqa: E402
 
@@ -62,9 +64,10 @@ class SupervisedTrainer(Trainer):
 
 
 def build_trainer(args: SftArguments) -> SupervisedTrainer:
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model_path = resolve_model_path(args.model_name_or_path, role="model_name_or_path")  # HF dir / GGUF → Paddle dir
+    tokenizer = load_tokenizer(model_path, padding_side="right")  # fast tokenizer when tokenizer.json exists
     model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path,
+        model_path,
         **model_placement(args),
         tensor_parallel_output=False,  # the loss needs full-vocabulary logits on every rank
     )

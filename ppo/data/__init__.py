@@ -14,6 +14,7 @@ from ppo.data.base import (
 )
 from ppo.data.loading import DATA_DIR_ENV
 from ppo.data.specs import DatasetSpec, DatasetSpecs, parse_dataset_specs
+from ppo.data.templates import ChatTemplateError, EncodedTurns, PromptTemplate, build_template
 from ppo.data.tokenized import DataWarning, TokenizedDataset, resolve_pad_token_id
 from ppo.data.supervised import SupervisedBatch, SupervisedCollator, SupervisedDataset, SupervisedSample
 from ppo.data.preference import PreferenceBatch, PreferenceCollator, PreferenceDataset, PreferenceSample
@@ -34,10 +35,12 @@ __all__ = [
     "PROMPT_BEGIN",
     "PROMPT_INPUT",
     "PROMPT_USER",
+    "ChatTemplateError",
     "DATA_DIR_ENV",
     "DataWarning",
     "DatasetSpec",
     "DatasetSpecs",
+    "EncodedTurns",
     "PreferenceBatch",
     "PreferenceCollator",
     "PreferenceDataset",
@@ -46,6 +49,7 @@ __all__ = [
     "PromptOnlyCollator",
     "PromptOnlyDataset",
     "PromptOnlySample",
+    "PromptTemplate",
     "RawDataset",
     "RawSample",
     "RawSampleError",
@@ -58,6 +62,7 @@ __all__ = [
     "SupervisedDataset",
     "SupervisedSample",
     "TokenizedDataset",
+    "build_template",
     "format_prompt",
     "parse_dataset_specs",
     "resolve_pad_token_id",

@@ -12,8 +12,8 @@ from ppo.data.tokenized import Skip, TokenizedDataset, length_mask, right_pad, t
 
 
 class PreferenceSample(TypedDict):
-    better_input_ids: list[int]  # [L_b]  prompt + better answer + EOS
-    worse_input_ids: list[int]  # [L_w]  prompt + worse answer + EOS
+    better_input_ids: list[int]  # [L_b]  prompt + better answer + end-of-turn token (EOS for safe-rlhf)
+    worse_input_ids: list[int]  # [L_w]  prompt + worse answer + end-of-turn token
 
 
 class PreferenceBatch(TypedDict):
@@ -49,11 +49,11 @@ class PreferenceDataset(TokenizedDataset):
 
 def encode_pair(dataset: TokenizedDataset, input, first: str, second: str) -> Union[tuple[list[int], list[int]], Skip]:
     """Truncated ids of prompt + `first` and prompt + `second`, or a Skip with the reason."""
-    prompt = dataset.encode_prompt(input)
-    if len(prompt) >= dataset.max_length:
+    turns = [input] if isinstance(input, str) else list(input)
+    if len(dataset.encode_prompt(turns)) >= dataset.max_length:
         return Skip(f"prompt fills max_length={dataset.max_length} with no room for an answer token")
-    first_ids = (prompt + dataset.encode_answer(first))[: dataset.max_length]
-    second_ids = (prompt + dataset.encode_answer(second))[: dataset.max_length]
+    first_ids = dataset.encode_turns(turns + [first]).input_ids[: dataset.max_length]
+    second_ids = dataset.encode_turns(turns + [second]).input_ids[: dataset.max_length]
     if first_ids == second_ids:
         return Skip("both answers give identical token ids (after truncation)")
     return first_ids, second_ids

@@ -7,12 +7,13 @@ from typing import Iterator, Sequence, TypedDict
 
 import paddle
 
-from ppo.data.base import RawSample, format_prompt
+from ppo.data.base import RawSample
 from ppo.data.tokenized import RowRef, SkippedSamples, TokenizedDataset, left_pad, length_mask, to_tensor
 
 
 class PromptOnlySample(TypedDict):
-    input_ids: list[int]  # [L]  the prompt, ending with the assistant tag
+    input_ids: list[int]  # [L]  the prompt, ending where the template opens the answer
+    turns: list[str]  # the raw user/assistant turns, to re-render the prompt for another tokenizer
 
 
 class PromptOnlyBatch(TypedDict):
@@ -42,7 +43,7 @@ class PromptOnlyDataset(TokenizedDataset):
         total = 0
         for ref, sample in samples:
             total += 1
-            text = format_prompt(sample["input"], self.tokenizer.eos_token)
+            text = self.template.prompt_text(sample["input"])
             if first_source.setdefault(text, ref) != ref:
                 self.num_duplicates += 1
                 continue
@@ -50,7 +51,8 @@ class PromptOnlyDataset(TokenizedDataset):
             if len(input_ids) > self.max_length:
                 too_long.add(f"prompt longer than max_length={self.max_length} tokens", ref)
                 continue
-            self.items.append(PromptOnlySample(input_ids=input_ids))
+            turns = [sample["input"]] if isinstance(sample["input"], str) else list(sample["input"])
+            self.items.append(PromptOnlySample(input_ids=input_ids, turns=turns))
             self.sources.append(ref)
         self._report_skipped(too_long, total - self.num_duplicates, verb="dropped")
 

@@ -12,8 +12,8 @@ from ppo.data.tokenized import Skip, TokenizedDataset, length_mask, right_pad, t
 
 
 class SupervisedSample(TypedDict):
-    input_ids: list[int]  # [L]  prompt + answer + EOS
-    labels: list[int]  # [L]  = input_ids on answer tokens (and EOS), IGNORE_INDEX elsewhere
+    input_ids: list[int]  # [L]  prompt + answer + end-of-turn token (EOS for safe-rlhf)
+    labels: list[int]  # [L]  = input_ids on answer tokens (and their end-of-turn token), IGNORE_INDEX elsewhere
 
 
 class SupervisedBatch(TypedDict):
@@ -27,7 +27,8 @@ class SupervisedDataset(TokenizedDataset):
 
     `labels` are aligned with `input_ids` (not shifted): position t holds the token at t, or
     IGNORE_INDEX for prompt/user tokens. Predicting token t+1 from position t is the loss's job.
-    For a `dialogue`, every assistant turn (and its EOS) is labelled.
+    For a `dialogue`, every assistant turn (and its end-of-turn token) is labelled; for a dialogue
+    `input`, only the final `answer`.
 
     Sequences longer than `max_length` are truncated (the final EOS may be cut). A sample whose
     prompt leaves no room for a single answer token is skipped; skipped samples are reported in one
@@ -38,12 +39,14 @@ class SupervisedDataset(TokenizedDataset):
 
     def preprocess(self, sample: RawSample) -> Union[SupervisedSample, Skip]:
         if "dialogue" in sample:
-            input_ids, is_answer = self.encode_turns(sample["dialogue"])
+            encoded = self.encode_turns(sample["dialogue"])
+            is_answer = encoded.is_answer
         else:
-            prompt = self.encode_prompt(sample["input"])
-            answer = self.encode_answer(sample["answer"])
-            input_ids, is_answer = prompt + answer, [False] * len(prompt) + [True] * len(answer)
-        input_ids, is_answer = input_ids[: self.max_length], is_answer[: self.max_length]
+            # Earlier answers of a dialogue prompt are context; only the final answer is trained on.
+            turns = [sample["input"]] if isinstance(sample["input"], str) else list(sample["input"])
+            encoded = self.encode_turns(turns + [sample["answer"]])
+            is_answer = [index == len(turns) // 2 for index in encoded.answer_index]
+        input_ids, is_answer = encoded.input_ids[: self.max_length], is_answer[: self.max_length]
         if not any(is_answer):
             return Skip(f"prompt fills max_length={self.max_length} with no room for an answer token")
         labels = [token if answer else IGNORE_INDEX for token, answer in zip(input_ids, is_answer)]

@@ -1,15 +1,14 @@
 """Shared machinery of the tokenised datasets: spec loading, validation, encoding, padding.
 
-Encoding layout (every dataset type and every tokenizer uses the same one, so SFT, RM and PPO
-see identical token ids for the same text):
+Encoding is the conversation template's job (`ppo.data.templates`, the `prompt_template` key):
+"safe-rlhf" (default) renders
 
     [special prefix, e.g. BOS] "BEGINNING OF CONVERSATION: USER: {u1} ASSISTANT:"
     {a1} EOS "USER: {u2} ASSISTANT:" ... {answer} EOS
 
-Each piece is tokenised on its own and the ids are concatenated, so the boundary between prompt
-and answer is exact (no merge across it) and a generated answer continues the prompt ids just as
-the training data does. For tokenizers that parse the EOS string as the EOS token this equals
-tokenising `format_prompt(...)` text.
+and "chat" the tokenizer's own chat template, each answer ending with the template's end-of-turn
+token. Every dataset type uses the same template, so SFT, RM and PPO see identical token ids for
+the same conversation, and pieces are tokenised apart so the prompt/answer boundary is exact.
 
 Masks are always built from sequence lengths, never from `input_ids != pad_token_id`: when a
 tokenizer has no pad token we pad with EOS, and the EOS that ends each answer is a real token.
@@ -26,8 +25,9 @@ from typing import Any, ClassVar, Iterator, Optional, Sequence, Union
 import numpy as np
 import paddle
 
-from ppo.data.base import PROMPT_ASSISTANT, PROMPT_BEGIN, PROMPT_USER, RawDataset, RawSample, RawSampleError, check_raw_sample
+from ppo.data.base import RawDataset, RawSample, RawSampleError, check_raw_sample
 from ppo.data.specs import DatasetSpecs, parse_dataset_specs, sample_indices
+from ppo.data.templates import DEFAULT_TEMPLATE, EncodedTurns, PromptTemplate, build_template
 
 
 class DataWarning(UserWarning):
@@ -87,19 +87,6 @@ def resolve_pad_token_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-def special_prefix_ids(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer puts before the text when adding special tokens (BOS for Llama, none for
-    Qwen2). Suffix tokens some tokenizers append (an EOS) are deliberately not used: prompts must
-    end with the assistant tag."""
-    probe = "a"
-    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
-    without = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    for start in range(len(with_special) - len(without) + 1):
-        if with_special[start : start + len(without)] == without:
-            return with_special[:start]
-    return []
-
-
 def right_pad(sequences: Sequence[Sequence[int]], pad_value: int, length: Optional[int] = None) -> np.ndarray:
     """[B, L] int64 array; L = `length` or the longest sequence."""
     return _pad(sequences, pad_value, length, left=False)
@@ -142,7 +129,9 @@ class TokenizedDataset(paddle.io.Dataset):
     """Loads the datasets named by `datasets` (dict, `name[:proportion[:path]]` string or list; see
     `ppo.data.specs`), samples them with `seed`, validates every raw sample as it is read, and
     tokenises it with `preprocess`. `max_length` (default `tokenizer.model_max_length`) bounds every
-    sequence. Subclasses set `REQUIRED_FIELDS` and implement `preprocess` and `get_collator`.
+    sequence. `prompt_template` names the conversation template ("safe-rlhf" or "chat", see
+    `ppo.data.templates`); `system_prompt` opens every conversation (chat templates only).
+    Subclasses set `REQUIRED_FIELDS` and implement `preprocess` and `get_collator`.
     """
 
     REQUIRED_FIELDS: ClassVar[tuple[tuple[str, ...], ...]]
@@ -153,6 +142,8 @@ class TokenizedDataset(paddle.io.Dataset):
         tokenizer: Any,
         max_length: Optional[int] = None,
         seed: int = 42,
+        prompt_template: str = DEFAULT_TEMPLATE,
+        system_prompt: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -164,7 +155,7 @@ class TokenizedDataset(paddle.io.Dataset):
         self.eos_token_id = int(eos)
         self.pad_token_id = resolve_pad_token_id(tokenizer)
         self.specs = parse_dataset_specs(datasets)
-        self._prefix_ids = special_prefix_ids(tokenizer)
+        self.template: PromptTemplate = build_template(prompt_template, tokenizer, system_prompt)
         self.items: list[dict[str, Any]] = []
         self.sources: list[RowRef] = []  # sources[i] = where items[i] came from
         self._build_items(self._raw_samples())
@@ -229,33 +220,20 @@ class TokenizedDataset(paddle.io.Dataset):
 
     # ---- encoding ------------------------------------------------------------------------------
 
-    def encode_turns(self, turns: Sequence[str]) -> tuple[list[int], list[bool]]:
-        """Ids of a conversation (user, assistant, user, ...) and, per id, whether it belongs to an
-        assistant turn (the answer tokens and the EOS after them)."""
-        ids: list[int] = list(self._prefix_ids)
-        is_assistant: list[bool] = [False] * len(ids)
-        for position, turn in enumerate(turns):
-            if position % 2 == 0:
-                text = PROMPT_USER.format(input=turn) + " " + PROMPT_ASSISTANT
-                if position == 0:
-                    text = PROMPT_BEGIN + " " + text
-                piece = self._encode_text(text)
-            else:
-                piece = self.encode_answer(turn)
-            ids += piece
-            is_assistant += [position % 2 == 1] * len(piece)
-        return ids, is_assistant
+    def encode_turns(self, turns: Union[str, Sequence[str]]) -> EncodedTurns:
+        """Ids of a conversation (user, assistant, user, ...) and, per id, the index of the answer it
+        belongs to (answer tokens and the end-of-turn token after them), -1 elsewhere."""
+        return self.template.encode_turns(turns)
 
     def encode_prompt(self, input: Union[str, Sequence[str]]) -> list[int]:
-        """Ids of the prompt for `input` (a string or a dialogue ending with a user turn)."""
-        return self.encode_turns([input] if isinstance(input, str) else list(input))[0]
+        """Ids of the prompt for `input` (a string or a dialogue ending with a user turn), ending
+        where the template opens the answer."""
+        return self.template.encode_prompt(input)
 
-    def encode_answer(self, answer: str) -> list[int]:
-        """Ids of an answer followed by EOS."""
-        return self._encode_text(answer) + [self.eos_token_id]
-
-    def _encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end an answer in this dataset's template (EOS, or e.g. `<|im_end|>` then EOS)."""
+        return self.template.stop_token_ids
 
     # ---- dataset protocol ----------------------------------------------------------------------
 

@@ -35,8 +35,12 @@ from typing import List, Optional, Sequence
 import paddle
 from tqdm.auto import tqdm
 
+from ppo.data.templates import DEFAULT_TEMPLATE
 from ppo.demo import task
+from ppo.model_import import resolve_model_path
 from ppo.model_io import load_tokenizer
+from ppo.tokenizer_io import decode
+from ppo.models.kernels import cpu_safe_config_overrides
 
 # Room for the longest answer of the demo task (opener + answer + closing is at most ~15 pieces
 # with the demo tokenizer) with slack to see whether a policy rambles.
@@ -88,10 +92,22 @@ class PromptSet:
     dataset: "object"  # ppo.data.PromptOnlyDataset
 
     @classmethod
-    def load(cls, spec: str, tokenizer, max_length: int, max_prompts: Optional[int] = None) -> "PromptSet":
+    def load(
+        cls,
+        spec: str,
+        tokenizer,
+        max_length: int,
+        max_prompts: Optional[int] = None,
+        prompt_template: str = DEFAULT_TEMPLATE,
+        system_prompt: Optional[str] = None,
+    ) -> "PromptSet":
+        """`prompt_template` / `system_prompt`: the conversation template the policies were trained
+        with (see `ppo.data.templates`)."""
         from ppo.data import PromptOnlyDataset, RawDataset
 
-        dataset = PromptOnlyDataset(spec, tokenizer, max_length=max_length, seed=0)
+        dataset = PromptOnlyDataset(
+            spec, tokenizer, max_length=max_length, seed=0, prompt_template=prompt_template, system_prompt=system_prompt
+        )
         names = [one.name for one in dataset.specs]
         if len(set(names)) != len(names):
             # Rows are traced back to their raw text by dataset name and row index.
@@ -121,7 +137,7 @@ class PromptSet:
 def load_causal_lm(path: str):
     from paddlenlp.transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", **cpu_safe_config_overrides())
     model.eval()
     return model
 
@@ -129,7 +145,9 @@ def load_causal_lm(path: str):
 def load_reward_model(path: str):
     from ppo.models import AutoModelForScore
 
-    model = AutoModelForScore.from_pretrained(path, dtype="float32", score_type="reward", do_normalize=False)
+    model = AutoModelForScore.from_pretrained(
+        path, dtype="float32", score_type="reward", do_normalize=False, **cpu_safe_config_overrides()
+    )
     model.eval()
     return model
 
@@ -180,7 +198,9 @@ def sample_and_score(
     from ppo.infer_utils import RolloutEngine
 
     # No fused (GPU) backend: both policies go through the same dynamic-graph sampler.
-    engine = RolloutEngine(policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_fusemt=False)
+    # Responses end at the template's end-of-turn token (EOS for safe-rlhf), as in PPO rollouts.
+    stop_token_ids = prompts.dataset.stop_token_ids
+    engine = RolloutEngine(policy, eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_fusemt=False)
     copies = settings.samples_per_prompt if do_sample else 1
     # The same seed before each policy: both draw from the same random stream.
     paddle.seed(settings.seed)
@@ -209,8 +229,8 @@ def sample_and_score(
         for row, (tokens, length, reward, kl) in enumerate(zip(sequences, lengths, rewards, kls)):
             prompt = prompts.texts[start + row // copies]
             response_tokens = tokens[:length]
-            finished = bool(response_tokens) and response_tokens[-1] == tokenizer.eos_token_id
-            response = tokenizer.decode(response_tokens, skip_special_tokens=True).strip()
+            finished = bool(response_tokens) and response_tokens[-1] in stop_token_ids
+            response = decode(tokenizer, response_tokens, skip_special_tokens=True).strip()
             scored.append(
                 ScoredResponse(
                     prompt=prompt,
@@ -285,8 +305,14 @@ def evaluate(
     max_prompts: Optional[int] = None,
     num_samples_shown: int = 3,
     generations_path: Optional[str] = None,
+    prompt_template: str = DEFAULT_TEMPLATE,
+    system_prompt: Optional[str] = None,
 ) -> dict:
     """Sample, judge and score the SFT model and the PPO policy on the same held-out prompts."""
+    # Hugging Face directories and GGUF files → cached Paddle directories.
+    sft_path = resolve_model_path(sft_path, role="sft")
+    policy_path = resolve_model_path(policy_path, role="policy")
+    reward_model_path = resolve_model_path(reward_model_path, role="reward_model")
     tokenizer = load_tokenizer(sft_path)
     policy_tokenizer = load_tokenizer(policy_path)
     if policy_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -294,7 +320,10 @@ def evaluate(
     sft, policy = load_causal_lm(sft_path), load_causal_lm(policy_path)
     reward_model = load_reward_model(reward_model_path)
     max_prompt_length = sft.config.max_position_embeddings - settings.max_new_tokens
-    prompts = PromptSet.load(prompts_spec, tokenizer, max_length=max_prompt_length, max_prompts=max_prompts)
+    prompts = PromptSet.load(
+        prompts_spec, tokenizer, max_length=max_prompt_length, max_prompts=max_prompts,
+        prompt_template=prompt_template, system_prompt=system_prompt,
+    )  # fmt: skip
 
     results = {"settings": {**asdict(settings), "prompts": len(prompts.texts), "prompts_spec": prompts_spec}}
     runs = {}
@@ -342,6 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the sampling (the same for both policies)")
     parser.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N held-out prompts")
     parser.add_argument("--num-samples-shown", type=int, default=3, help="side-by-side samples kept in the output")
+    parser.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="conversation template of the policies: safe-rlhf or chat")
+    parser.add_argument("--system-prompt", default=None, help="system message of every conversation (chat template only)")
     args = parser.parse_args(argv)
     try:
         settings = SamplingSettings(
@@ -357,6 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     results = evaluate(
         args.sft, args.policy, args.reward_model, args.prompts, settings,
         max_prompts=args.max_prompts, num_samples_shown=args.num_samples_shown, generations_path=args.generations,
+        prompt_template=args.prompt_template, system_prompt=args.system_prompt,
     )  # fmt: skip
     check_finite(results)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

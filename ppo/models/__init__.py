@@ -1,4 +1,12 @@
-"""Models shared by the reward-model and PPO stages: score models, their losses and normalizers."""
+"""Models shared by the reward-model and PPO stages: score models, their losses and normalizers.
+
+Importing this package points PaddleNLP's Llama/Qwen2 SwiGLU at a kernel that is plain Paddle ops
+on CPU and the fused kernel on GPU (`ppo.models.kernels`), before any model is built.
+"""
+
+from ppo.models.kernels import install_plain_cpu_kernels
+
+install_plain_cpu_kernels()
 
 from ppo.models.normalizer import (
     NORMALIZERS,

@@ -8,8 +8,9 @@ generation loop with them.
 Why a separate decoder instead of `model.generate` on CPU: at rollout sizes the PaddleNLP
 forward pays for work a single decode step does not need (4-D masks rebuilt every step, cache
 concatenation, middle-axis broadcasts, which are slow on Paddle's CPU kernels). The decoder below
-keeps one pre-allocated cache, only same-shape or last-axis elementwise ops, and fused
-`rms_norm` / `swiglu` kernels, and reads the very same `Parameter` objects the optimizer updates
+keeps one pre-allocated cache, only same-shape or last-axis elementwise ops, `rms_norm` /
+`swiglu` that are fused kernels on GPU and plain ops on CPU (`ppo.models.kernels`), and reads
+the very same `Parameter` objects the optimizer updates
 (no copy of the weights survives a `generate` call, so nothing needs syncing). Per decode step
 (`benchmarks/bench_decode_step.py`, Llama hidden 256 x 4 layers, batch 8): 4.6 ms, against 11.5 ms
 for the PaddleNLP forward with its cache and 9.0 ms for the same math compiled with
@@ -24,7 +25,8 @@ from typing import List, Optional, Tuple
 
 import paddle
 import paddle.nn.functional as F
-from paddle.incubate.nn.functional import fused_rms_norm
+
+from ppo.models.kernels import rms_norm, swiglu
 
 
 class UnsupportedModelError(ValueError):
@@ -235,11 +237,6 @@ def collect_decoder_weights(model) -> DecoderWeights:
 # Decoder math
 
 
-def rms_norm(hidden: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:  # [..., hidden]
-    begin_norm_axis = len(hidden.shape) - 1
-    return fused_rms_norm(hidden, weight, None, eps, begin_norm_axis)[0]
-
-
 @dataclass
 class RopeTables:
     """RoPE cos/sin pre-expanded over the q and k heads, so applying them is a same-shape multiply
@@ -341,7 +338,7 @@ def _decoder_layer(
     attended = attend(_scale_query(query, weights), key, value)  # [N, H*D]
     hidden = hidden + paddle.matmul(attended, layer.o_proj)
     normed = rms_norm(hidden, layer.post_norm, weights.rms_norm_eps)
-    return hidden + paddle.matmul(F.swiglu(paddle.matmul(normed, layer.gate_up)), layer.down_proj)
+    return hidden + paddle.matmul(swiglu(paddle.matmul(normed, layer.gate_up)), layer.down_proj)
 
 
 def _as_float32(tensor: paddle.Tensor) -> paddle.Tensor:

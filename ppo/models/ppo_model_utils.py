@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar, Union
 
 import paddle
 
@@ -119,17 +119,20 @@ def action_mask_from(
 
 def generated_tokens_mask(
     response_ids: paddle.Tensor,  # [B, T] tokens produced by generation, right-padded
-    eos_token_id: int,
+    eos_token_id: Union[int, Sequence[int]],
 ) -> paddle.Tensor:  # [B, T] bool
     """True on generated tokens up to and including each row's first EOS (all True if the row
-    never emitted EOS, i.e. it hit the length limit).
+    never emitted EOS, i.e. it hit the length limit). `eos_token_id` may list several stop tokens
+    (a chat template's end-of-turn token and EOS): the first of any of them ends the row.
 
     Only the *first* EOS matters: whatever follows it is padding, even when pad == eos, so this
     never confuses the EOS with padding the way comparing ids to the pad id would.
     """
     if response_ids.ndim != 2:
         raise ValueError(f"response_ids must be [B, T], got shape {list(response_ids.shape)}")
-    is_eos = (response_ids == eos_token_id).astype("int64")
+    stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    stop_ids = paddle.to_tensor(stops, dtype=response_ids.dtype)  # [S]
+    is_eos = (response_ids.unsqueeze(-1) == stop_ids).any(axis=-1).astype("int64")
     eos_seen_before = (paddle.cumsum(is_eos, axis=-1) - is_eos) > 0
     return paddle.logical_not(eos_seen_before)
 
