@@ -23,8 +23,10 @@ def setup_process(threads: int = 1, mkl_avx2: bool = False) -> dict:
     """Environment every benchmark sets BEFORE importing paddle.
 
     OMP_WAIT_POLICY=PASSIVE: spin-waiting OpenMP threads wreck timings on a shared 2-core box.
-    MKL_DEBUG_CPU_TYPE=5 (opt-in): Paddle's bundled MKL picks a slow generic GEMM path on AMD
-    CPUs; this makes it use its AVX2 kernels (no effect on Intel).
+    MKL_DEBUG_CPU_TYPE: on AMD CPUs every entry point sets 5 (MKL's AVX2 GEMM kernels instead of
+    its generic path) unless the user exported a value (`ppo.runtime.prepare_process`);
+    `mkl_avx2` forces 5 on any CPU (no effect on Intel). The result names the CPU so the
+    benchmark output says which kernels were measured.
     """
     if "paddle" in sys.modules:
         raise RuntimeError("setup_process must run before paddle is imported")
@@ -34,7 +36,13 @@ def setup_process(threads: int = 1, mkl_avx2: bool = False) -> dict:
         os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    return {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_DEBUG_CPU_TYPE")}
+    from ppo.runtime import prepare_process
+
+    prepared = prepare_process()
+    environment = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_DEBUG_CPU_TYPE")}
+    environment["cpu"] = prepared["cpu"]
+    environment["mkl_set_automatically"] = bool(prepared["set"])
+    return environment
 
 
 def peak_rss_mib() -> float:

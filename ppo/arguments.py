@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from paddlenlp.trainer import TrainingArguments
 
+from ppo.data.modules import import_dataset_modules
 from ppo.data.templates import DEFAULT_TEMPLATE, check_template_arguments
+from ppo.data.truncation import DEFAULT_PROMPT_TRUNCATION, check_max_prompt_length, check_prompt_truncation
 from ppo.models.ppo_model_utils import KLEstimator, Reduction
 
 OFFLOAD_TOKENS = ("freeze_model", "optimizer", "train_model")
@@ -45,7 +47,28 @@ class PPODataArguments:
     )
     max_length: int = field(
         default=512,
-        metadata={"help": "Maximum total tokens of prompt + response; prompts longer than this are dropped."},
+        metadata={"help": "Maximum total tokens of prompt + response (the cap of every sequence)."},
+    )
+    max_new_tokens: Optional[int] = field(
+        default=None,
+        metadata={"help": "Response budget of every rollout and evaluation, whatever prompts share the batch; prompts "
+                          "then get max_length - max_new_tokens tokens. Default: max_length - the longest prompt of "
+                          "the global batch (of the whole eval set in evaluation)."},
+    )
+    max_prompt_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Maximum prompt tokens (also of ptx prompts); longer prompts are shortened or dropped by "
+                          "prompt_truncation. Default: max_length - max_new_tokens, or max_length - 1."},
+    )
+    prompt_truncation: str = field(
+        default=DEFAULT_PROMPT_TRUNCATION,
+        metadata={"help": "Prompts over max_prompt_length: 'left_turns' (drop the oldest turns, then cut tokens from "
+                          "the left), 'left_tokens' (cut tokens from the left) or 'drop'."},
+    )
+    dataset_modules: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Module names or .py files imported before the datasets are built, to register custom "
+                          "RawDataset NAMEs (a list or a comma-separated string)."},
     )
     prompt_template: str = field(
         default=DEFAULT_TEMPLATE,
@@ -57,9 +80,31 @@ class PPODataArguments:
     )
 
     def __post_init__(self):
+        # First: a custom dataset's module may fail to import, and nothing else should run before that.
+        import_dataset_modules(self.dataset_modules)
         check_template_arguments(self.prompt_template, self.system_prompt)
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {self.max_length}")
+        check_prompt_truncation(self.prompt_truncation)
+        new = self.max_new_tokens
+        if new is not None and (isinstance(new, bool) or not isinstance(new, int) or not 1 <= new < self.max_length):
+            raise ValueError(
+                f"max_new_tokens must be an integer from 1 to max_length - 1 = {self.max_length - 1} "
+                f"(prompts need at least one token), got {new!r}"
+            )
+        room = self.response_room
+        check_max_prompt_length(
+            self.max_prompt_length,
+            self.max_length - room,
+            f"max_prompt_length + {'max_new_tokens' if new is not None else 'one response token'} = "
+            f"{(self.max_prompt_length or 0) + room} exceeds max_length = {self.max_length}; raise max_length or "
+            "lower one of them",
+        )
+
+    @property
+    def response_room(self) -> int:
+        """Tokens a rollout prompt leaves free within max_length: max_new_tokens, or at least one."""
+        return self.max_new_tokens if self.max_new_tokens is not None else 1
 
 
 @dataclass

@@ -42,9 +42,14 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from ppo.runtime import prepare_process  # noqa: E402
+
+prepare_process()  # before Paddle loads
+
 from ppo.hf_layout import (  # noqa: E402
     SCORE,
     SCORE_CONFIG_KEY,
+    SHARED_TOKENIZER_FILES,
     architecture_for,
     head_kind,
     paddle_config_to_hf,
@@ -54,16 +59,7 @@ from ppo.hf_layout import (  # noqa: E402
 # Score-model fields of a PaddleNLP config that travel under SCORE_CONFIG_KEY.
 SCORE_EXTRA_KEYS = ("score_type", "do_normalize", "normalizer_type", "momentum", "mean", "var", "count")
 SENTENCEPIECE_FILES = ("sentencepiece.bpe.model", "tokenizer.model")
-COPIED_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.json",
-    "chat_template.jinja",
-)
+COPIED_TOKENIZER_FILES = SHARED_TOKENIZER_FILES
 # Keys of a PaddleNLP tokenizer_config.json that describe where it was loaded from, not the tokenizer.
 _PADDLE_ONLY_TOKENIZER_KEYS = ("name_or_path", "special_tokens_map_file", "_from_auto", "from_slow", "tokenizer_file")
 

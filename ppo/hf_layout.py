@@ -28,6 +28,18 @@ DERIVED_HF_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 # Where our score models keep the PaddleNLP-only score settings in an exported HF config.json.
 SCORE_CONFIG_KEY = "paddle_rlhf_score"
 
+# Tokenizer files both libraries read unchanged, carried over on import and on export.
+SHARED_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
 
 @dataclass(frozen=True)
 class Architecture:

@@ -44,6 +44,7 @@ from ppo.hf_layout import (
     HF_BACKBONE_PREFIX,
     SCORE,
     SCORE_CONFIG_KEY,
+    SHARED_TOKENIZER_FILES,
     check_hf_config,
     head_kind,
     hf_to_paddle_state,
@@ -61,19 +62,7 @@ EXPECTED_WEIGHT_FILES = (SAFE_INDEX, PADDLE_INDEX, SAFE_FILE, PADDLE_WEIGHT_FILE
 
 # Copied unchanged from a Hugging Face directory; tokenizer.model is also written under the
 # name PaddleNLP's LlamaTokenizer reads.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "tokenizer.model",
-    "chat_template.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
+TOKENIZER_FILES = SHARED_TOKENIZER_FILES + ("vocab.txt", "tokenizer.model", "generation_config.json")
 SENTENCEPIECE_ALIASES = {"tokenizer.model": "sentencepiece.bpe.model"}
 
 PADDLE, HF, GGUF, HUB = "paddle", "hf", "gguf", "hub"

@@ -135,14 +135,20 @@ class PPOTrainer:
         callbacks=None,
         actor_rollout_model=None,
         critic_rollout_model=None,
+        max_new_tokens: Optional[int] = None,
     ):
         """`actor_rollout_model` / `critic_rollout_model`: optional non-training copies that
         generate and score rollouts instead of the trained models (required under pipeline
         parallel, see `ppo.run_ppo.build_models`); they are refreshed from the trained weights
-        before every rollout that follows an optimizer step."""
+        before every rollout that follows an optimizer step.
+
+        `max_new_tokens`: the response budget of every rollout and evaluation batch (prompts must
+        then fit in `max_length - max_new_tokens`); None: `max_length` minus the longest prompt of
+        the global batch, or of the whole eval set (see `response_budget`)."""
         self.args = args
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.max_new_tokens = max_new_tokens
         self.actor_model, self.critic_model = actor_model, critic_model
         self.reference_model, self.reward_model = reference_model, reward_model
         self._wrapped: Dict[str, object] = {}  # role -> the model as wrapped for training (see `train`)
@@ -204,10 +210,10 @@ class PPOTrainer:
     # Set-up
 
     def _reward_rendering(self, *prompt_datasets):
-        """(template, prompt ids -> raw turns) for a reward model with its own tokenizer: it reads
-        each conversation as it was trained on, i.e. the same template rendered by its tokenizer,
-        so prompts are re-rendered from their raw turns (found by the prompt's ids, which identify
-        its text) instead of being decoded from the actor's ids."""
+        """(template, prompt ids -> (raw turns, row's system message)) for a reward model with its
+        own tokenizer: it reads each conversation as it was trained on, i.e. the same template
+        rendered by its tokenizer, so prompts are re-rendered from their raw turns (found by the
+        prompt's ids, which identify its text) instead of being decoded from the actor's ids."""
         if self.reward_tokenizer is None or self.template is None:
             return None, {}
         template = build_template(self.template.NAME, self.reward_tokenizer, self.template.system_prompt)
@@ -216,7 +222,7 @@ class PPOTrainer:
             for index in range(len(dataset) if dataset is not None else 0):
                 item = dataset[index]
                 if "turns" in item:
-                    turns[tuple(item["input_ids"])] = item["turns"]
+                    turns[tuple(item["input_ids"])] = (item["turns"], item.get("system"))
         return template, turns
 
     def _resolve_max_steps(self) -> int:
@@ -293,17 +299,35 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------
     # Rollout and scoring
 
-    @paddle.no_grad()
-    def generate(self, prompt_batch: PromptBatch, num_return_sequences: int, longest_prompt: Optional[int] = None) -> RolloutOutput:
-        """Sample responses of at most max_length - `longest_prompt` tokens (default: this batch's
-        padded prompt width). Callers pass a length that does not depend on how the prompts are
-        split over processes, so that 1 and N processes give responses the same budget."""
+    @property
+    def fixed_response_budget(self) -> bool:
+        """Whether every batch gets `max_new_tokens` (else the budget follows the longest prompt)."""
+        return self.max_new_tokens is not None
+
+    def response_budget(self, prompt_batch: PromptBatch, longest_prompt: Optional[int] = None) -> int:
+        """New tokens a batch may generate. With `max_new_tokens` it is that, whatever prompts
+        share the batch. Without it: max_length - `longest_prompt` (default: this batch's padded
+        prompt width); callers pass a length that does not depend on how the prompts are split
+        over processes, so that 1 and N processes give responses the same budget."""
+        if self.fixed_response_budget:
+            if prompt_batch.prompt_length + self.max_new_tokens > self.max_length:
+                raise ValueError(
+                    f"prompts of {prompt_batch.prompt_length} tokens + max_new_tokens={self.max_new_tokens} exceed "
+                    f"max_length={self.max_length}; build the prompt datasets with max_prompt_length <= "
+                    f"{self.max_length - self.max_new_tokens} (ppo.run_ppo does)"
+                )
+            return self.max_new_tokens
         prompt_length = longest_prompt if longest_prompt is not None else prompt_batch.prompt_length
-        max_new_tokens = self.max_length - prompt_length
-        if max_new_tokens < 1:
+        if self.max_length - prompt_length < 1:
             raise ValueError(
                 f"prompts of {prompt_length} tokens leave no room to generate within max_length={self.max_length}"
             )
+        return self.max_length - prompt_length
+
+    @paddle.no_grad()
+    def generate(self, prompt_batch: PromptBatch, num_return_sequences: int, longest_prompt: Optional[int] = None) -> RolloutOutput:
+        """Sample `response_budget(prompt_batch, longest_prompt)` new tokens at most per response."""
+        max_new_tokens = self.response_budget(prompt_batch, longest_prompt)
         self._require("actor_rollout_model")
         self.rollout_actor.eval()
         with self.rollout_rng.active():
@@ -349,9 +373,9 @@ class PPOTrainer:
         for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
             real = [token for token, keep in zip(ids, mask) if keep]
             prompt = None if prompt_length is None else [t for t, keep in zip(ids[:prompt_length], mask[:prompt_length]) if keep]
-            turns = None if prompt is None else self._prompt_turns.get(tuple(prompt))
-            if turns is not None:
-                rows.append(self._rerender_for_reward(turns, real[len(prompt) :]))
+            conversation = None if prompt is None else self._prompt_turns.get(tuple(prompt))
+            if conversation is not None:
+                rows.append(self._rerender_for_reward(*conversation, real[len(prompt) :]))
             elif self.template is not None and not self.template.IS_PLAIN_TEXT:
                 raise ValueError(
                     f"cannot re-tokenise for the reward model a {self.template.NAME!r}-template sequence whose prompt is "
@@ -370,12 +394,12 @@ class PPOTrainer:
         mask = paddle.to_tensor([[True] * len(row) + [False] * (width - len(row)) for row in rows])
         return ids, mask
 
-    def _rerender_for_reward(self, turns, response: List[int]) -> List[int]:
+    def _rerender_for_reward(self, turns, system: Optional[str], response: List[int]) -> List[int]:
         """Prompt turns + the decoded response in the reward tokenizer's template, ending with its
         end-of-turn token when the actor's response ended (not when it hit the length limit)."""
         ended = bool(response) and response[-1] in self.stop_token_ids
         answer = decode(self.tokenizer, response[:-1] if ended else response, skip_special_tokens=True)
-        ids = self.reward_template.encode_turns(list(turns) + [answer]).input_ids
+        ids = self.reward_template.encode_turns(list(turns) + [answer], system).input_ids
         return ids if ended else ids[:-1]  # the template closes every answer with its end-of-turn token
 
     @paddle.no_grad()
@@ -384,8 +408,9 @@ class PPOTrainer:
         args = self.args
         self._refresh_rollout_copies()
         self._enter("rollout")
-        # The longest prompt of the global batch (all replicas), as one process would see it.
-        longest_prompt = int(all_reduce_max(float(prompt_batch.prompt_length)))
+        # Without max_new_tokens: the longest prompt of the global batch (all replicas), as one
+        # process would see it (every rank takes the same branch: the config is the same).
+        longest_prompt = None if self.fixed_response_budget else int(all_reduce_max(float(prompt_batch.prompt_length)))
         rollout = self.generate(prompt_batch, args.num_return_sequences, longest_prompt)
         self._enter("score")
         self._require("actor_rollout_model", "reference_model", "critic_rollout_model")
@@ -594,7 +619,7 @@ class PPOTrainer:
         indices = list(range(args.dataset_rank, len(dataset), args.dataset_world_size))
         collate = dataset.get_collator()
         # One budget for the whole eval set, whatever batches this rank happens to form.
-        longest_prompt = max(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
+        longest_prompt = None if self.fixed_response_budget else max(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
         score_sum, length_sum, samples = 0.0, 0.0, []
         for start in range(0, len(indices), args.per_device_eval_batch_size):
             batch = collate([dataset[i] for i in indices[start : start + args.per_device_eval_batch_size]])

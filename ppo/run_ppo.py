@@ -21,6 +21,10 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 elif _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from ppo.runtime import prepare_process  # noqa: E402
+
+prepare_process()  # before Paddle loads: CPU floor check, MKL's AVX2 kernels on AMD
+
 import paddle  # noqa: E402
 from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from paddlenlp.utils.log import logger  # noqa: E402
@@ -161,19 +165,21 @@ def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, tr
         )
     models = build_models(model_args, training_args)
 
-    # Prompts must leave room for at least one generated token.
     # Every dataset renders conversations with the same template (the one SFT and RM trained on).
     template = dict(prompt_template=data_args.prompt_template, system_prompt=data_args.system_prompt)
-    train_dataset = PromptOnlyDataset(
-        data_args.train_datasets, tokenizer, max_length=data_args.max_length - 1, seed=training_args.seed, **template
-    )
-    eval_dataset = (
-        PromptOnlyDataset(data_args.eval_datasets, tokenizer, max_length=data_args.max_length - 1, seed=training_args.seed, **template)
-        if data_args.eval_datasets
-        else None
-    )
+    # Rollout prompts leave room for the response: max_new_tokens tokens, or at least one.
+    prompts = dict(
+        max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length,
+        response_room=data_args.response_room, prompt_truncation=data_args.prompt_truncation,
+        seed=training_args.seed, **template,
+    )  # fmt: skip
+    train_dataset = PromptOnlyDataset(data_args.train_datasets, tokenizer, **prompts)
+    eval_dataset = PromptOnlyDataset(data_args.eval_datasets, tokenizer, **prompts) if data_args.eval_datasets else None
     ptx_dataset = (
-        SupervisedDataset(data_args.ptx_datasets, tokenizer, max_length=data_args.max_length, seed=training_args.seed, **template)
+        SupervisedDataset(
+            data_args.ptx_datasets, tokenizer, max_length=data_args.max_length, seed=training_args.seed,
+            max_prompt_length=data_args.max_prompt_length, prompt_truncation=data_args.prompt_truncation, **template,
+        )  # fmt: skip
         if data_args.ptx_datasets
         else None
     )
@@ -191,6 +197,7 @@ def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, tr
         eval_dataset=eval_dataset,
         ptx_dataset=ptx_dataset,
         max_length=data_args.max_length,
+        max_new_tokens=data_args.max_new_tokens,
     )
 
 

@@ -6,8 +6,10 @@ Why before the import:
 * Paddle's CPU wheel is compiled for AVX; some of its kernels (e.g. the fused RMSNorm) execute
   AVX-512 unconditionally. This project keeps fused kernels off the CPU path
   (`ppo.models.kernels`), so the supported floor is x86-64 with AVX2 and FMA (Paddle's MKL and
-  oneDNN pick their kernels at run time). On a CPU below that floor a user gets this module's
-  error naming the missing instructions, not an "Illegal instruction" crash somewhere later.
+  oneDNN pick their kernels at run time). The features come from CPUID (through numpy), so the
+  check also holds in containers and emulators whose /proc/cpuinfo shows the host's flags. On a
+  CPU below that floor a user gets this module's error naming the missing instructions, not an
+  "Illegal instruction" crash somewhere later.
 * Paddle's bundled MKL reads `MKL_DEBUG_CPU_TYPE` when it loads. On AMD processors MKL otherwise
   takes a generic GEMM path (measured on an AMD EPYC, one thread: 20 GFLOP/s against 65 GFLOP/s
   with `MKL_DEBUG_CPU_TYPE=5`, which selects its AVX2 kernels). An explicit value always wins.
@@ -26,9 +28,10 @@ from typing import Dict, FrozenSet, Optional
 
 logger = logging.getLogger("paddle-rlhf")
 
-# Instructions the CPU path needs (Linux /proc/cpuinfo flag names).
-REQUIRED_CPU_FLAGS = ("avx", "avx2", "fma")
-# Setting this to 1 skips the floor check (for CPUs whose flags are not reported the usual way).
+# Instructions the CPU path needs, by their names in numpy's CPU-feature table (numpy asks CPUID
+# itself, so this works on any OS and reports what the process may really execute).
+REQUIRED_CPU_FEATURES = ("AVX", "AVX2", "FMA3")
+# Setting this to 1 skips the floor check (to try a CPU below the floor at one's own risk).
 SKIP_CHECK_VARIABLE = "PADDLE_RLHF_SKIP_CPU_CHECK"
 MKL_CPU_TYPE_VARIABLE = "MKL_DEBUG_CPU_TYPE"
 MKL_AVX2_CPU_TYPE = "5"
@@ -43,7 +46,7 @@ class CpuInfo:
     machine: str  # platform.machine(): x86_64, aarch64, ...
     vendor: str  # /proc/cpuinfo vendor_id: GenuineIntel, AuthenticAMD, "" when unknown
     model_name: str
-    flags: FrozenSet[str] = field(default_factory=frozenset)
+    features: FrozenSet[str] = field(default_factory=frozenset)  # numpy names: AVX2, FMA3, AVX512F, ...
 
     @property
     def is_x86(self) -> bool:
@@ -55,15 +58,15 @@ class CpuInfo:
 
     @property
     def has_avx512(self) -> bool:
-        return "avx512f" in self.flags
+        return "AVX512F" in self.features
 
     def describe(self) -> str:
-        level = "AVX-512" if self.has_avx512 else "AVX2" if "avx2" in self.flags else "below AVX2"
+        level = "AVX-512" if self.has_avx512 else "AVX2" if "AVX2" in self.features else "below AVX2"
         return f"{self.model_name or self.machine} ({self.vendor or 'unknown vendor'}, {level})"
 
 
-def parse_cpuinfo(text: str, machine: Optional[str] = None) -> CpuInfo:
-    """CpuInfo from the text of /proc/cpuinfo (the first processor's block is enough)."""
+def parse_cpuinfo(text: str) -> Dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo text (`vendor_id`, `model name`, ...)."""
     fields: Dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -73,42 +76,50 @@ def parse_cpuinfo(text: str, machine: Optional[str] = None) -> CpuInfo:
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_features() -> FrozenSet[str]:
+    """Instruction-set extensions this process can execute, from numpy's CPUID probe."""
+    try:
+        from numpy.core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy 2 moved the module
+        from numpy._core._multiarray_umath import __cpu_features__
+    return frozenset(name for name, present in __cpu_features__.items() if present)
+
+
+def read_cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> CpuInfo:
+    try:
+        with open(cpuinfo_path, encoding="utf-8", errors="replace") as handle:
+            fields = parse_cpuinfo(handle.read())
+    except OSError:  # not Linux: vendor and model unknown, features still probed
+        fields = {}
     return CpuInfo(
-        machine=machine or platform.machine(),
+        machine=platform.machine(),
         vendor=fields.get("vendor_id", ""),
         model_name=fields.get("model name", ""),
-        flags=frozenset(fields.get("flags", "").split()),
+        features=cpu_features(),
     )
 
 
-def read_cpu_info(path: str = "/proc/cpuinfo") -> Optional[CpuInfo]:
-    """This machine's CpuInfo, or None where /proc/cpuinfo does not exist (not Linux)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return parse_cpuinfo(handle.read())
-    except OSError:
-        return None
-
-
-def check_cpu(info: Optional[CpuInfo]) -> None:
-    """Raise UnsupportedCPUError when an x86 CPU lacks the required instructions. CPUs whose flags
-    cannot be read (not Linux) and non-x86 machines are not judged here."""
-    if info is None or not info.is_x86 or not info.flags:
+def check_cpu(info: CpuInfo) -> None:
+    """Raise UnsupportedCPUError when an x86 CPU lacks the required instructions (other
+    architectures are not judged here)."""
+    if not info.is_x86:
         return
-    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in info.flags]
+    missing = [name for name in REQUIRED_CPU_FEATURES if name not in info.features]
     if missing:
         raise UnsupportedCPUError(
-            f"this CPU ({info.model_name or 'unknown model'}) lacks {', '.join(m.upper() for m in missing)}: "
-            f"paddle-rlhf on CPU needs x86-64 with {', '.join(f.upper() for f in REQUIRED_CPU_FLAGS)} "
-            "(Paddle's CPU kernels would stop with 'Illegal instruction'). Use a newer CPU or a GPU machine; "
-            f"set {SKIP_CHECK_VARIABLE}=1 to try anyway."
+            f"this CPU ({info.model_name or 'unknown model'}) lacks {', '.join(missing)}: paddle-rlhf on CPU needs "
+            f"x86-64 with {', '.join(REQUIRED_CPU_FEATURES)} (Paddle's CPU kernels would stop with 'Illegal "
+            f"instruction'). Use a newer CPU or a GPU machine; set {SKIP_CHECK_VARIABLE}=1 to try anyway."
         )
 
 
-def mkl_environment(info: Optional[CpuInfo], environ: Dict[str, str]) -> Dict[str, str]:
+def mkl_environment(info: CpuInfo, environ: Dict[str, str]) -> Dict[str, str]:
     """Variables to add to `environ` for fast GEMMs on this CPU: MKL's AVX2 kernels on AMD unless
     the user chose a value."""
-    if info is not None and info.is_amd and MKL_CPU_TYPE_VARIABLE not in environ:
+    if info.is_amd and MKL_CPU_TYPE_VARIABLE not in environ:
         return {MKL_CPU_TYPE_VARIABLE: MKL_AVX2_CPU_TYPE}
     return {}
 
@@ -148,5 +159,5 @@ def prepare_process(environ=None) -> dict:
             file=sys.stderr,
             flush=True,
         )
-    _prepared = {"cpu": info.describe() if info else "unknown", "set": added}
+    _prepared = {"cpu": info.describe(), "set": added}
     return _prepared

@@ -5,12 +5,14 @@ the datasets, and the train → save → evaluate sequence that writes PaddleNLP
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from paddlenlp.trainer import Trainer, TrainingArguments
 from paddlenlp.utils.log import logger
 
+from ppo.data.modules import import_dataset_modules
 from ppo.data.templates import DEFAULT_TEMPLATE, check_template_arguments
+from ppo.data.truncation import DEFAULT_PROMPT_TRUNCATION, check_max_prompt_length, check_prompt_truncation
 
 
 @dataclass
@@ -40,13 +42,34 @@ class StageArguments(TrainingArguments):
     system_prompt: Optional[str] = field(
         default=None, metadata={"help": "System message that opens every conversation (prompt_template 'chat' only)."}
     )
+    max_prompt_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Maximum prompt tokens; longer prompts are shortened or left out by prompt_truncation. "
+                          "Default: max_length - 1 (room for one answer token)."},
+    )
+    prompt_truncation: str = field(
+        default=DEFAULT_PROMPT_TRUNCATION,
+        metadata={"help": "Prompts over max_prompt_length: 'left_turns' (drop the oldest turns, then cut tokens from "
+                          "the left), 'left_tokens' (cut tokens from the left) or 'drop' (skip the sample)."},
+    )
+    dataset_modules: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Module names or .py files imported before the datasets are built, to register custom "
+                          "RawDataset NAMEs (a list or a comma-separated string)."},
+    )
 
     def __post_init__(self):
+        # First: a custom dataset's module may fail to import, and nothing else should run before that.
+        import_dataset_modules(self.dataset_modules)
         check_template_arguments(self.prompt_template, self.system_prompt)
         if not self.model_name_or_path:
             raise ValueError(f"model_name_or_path is required: {self.MODEL_ROLE}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        check_prompt_truncation(self.prompt_truncation)
+        check_max_prompt_length(
+            self.max_prompt_length, self.max_length - 1, f"at most max_length - 1 = {self.max_length - 1} leaves room for an answer"
+        )
         if self.do_train and not self.train_datasets:
             raise ValueError(f"do_train is set but train_datasets is empty: name the {self.DATA_KIND} to train on")
         evaluates = self.do_eval or str(self.evaluation_strategy) not in ("no", "IntervalStrategy.NO")
@@ -84,6 +107,7 @@ def build_stage_trainer(trainer_class, args: StageArguments, model, tokenizer, d
         return dataset_class(
             specs, tokenizer, max_length=args.max_length, seed=args.seed,
             prompt_template=args.prompt_template, system_prompt=args.system_prompt,
+            max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
         )  # fmt: skip
 
     train_dataset = dataset(args.train_datasets) if args.do_train else None

@@ -22,6 +22,10 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 elif _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from ppo.runtime import prepare_process  # noqa: E402
+
+prepare_process()  # before Paddle loads: CPU floor check, MKL's AVX2 kernels on AMD
+
 import paddle  # noqa: E402
 from paddlenlp.trainer import Trainer, set_seed  # noqa: E402
 from paddlenlp.transformers import AutoModelForCausalLM  # noqa: E402

@@ -73,3 +73,28 @@ def dataset_registry():
     yield RawDataset
     RawDataset._registry.clear()
     RawDataset._registry.update(saved)
+
+
+@pytest.fixture()
+def in_memory(dataset_registry):
+    """Register a dataset holding the given RawSamples under `name`."""
+
+    def register(name, samples):
+        from ppo.data import RawDataset
+
+        class InMemory(RawDataset):
+            NAME = name
+
+            def __init__(self, path=None):
+                self.samples = samples
+
+            def __getitem__(self, index):
+                return self.samples[index]
+
+            def __len__(self):
+                return len(self.samples)
+
+        InMemory.__qualname__ = f"InMemory[{name}]"
+        return name
+
+    return register

@@ -16,7 +16,6 @@ from ppo.data import (
     ChatTemplateError,
     PreferenceDataset,
     PromptOnlyDataset,
-    RawDataset,
     RawSample,
     SafetyPreferenceDataset,
     SupervisedDataset,
@@ -38,27 +37,6 @@ def chatml_dir(tmp_path_factory):
 @pytest.fixture()
 def tokenizer(chatml_dir):
     return load_tokenizer(chatml_dir, padding_side="right")
-
-
-@pytest.fixture()
-def in_memory(dataset_registry):
-    def register(name, samples):
-        class InMemory(RawDataset):
-            NAME = name
-
-            def __init__(self, path=None):
-                self.samples = samples
-
-            def __getitem__(self, index):
-                return self.samples[index]
-
-            def __len__(self):
-                return len(self.samples)
-
-        InMemory.__qualname__ = f"InMemory[{name}]"
-        return name
-
-    return register
 
 
 def reference(chatml_dir, text):

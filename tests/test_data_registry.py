@@ -19,6 +19,12 @@ BUILT_IN = [
     "PKU-SafeRLHF/test",
     "PKU-SafeRLHF/train",
     "alpaca",
+    "hh-rlhf",
+    "hh-rlhf/test",
+    "messages",
+    "preference",
+    "prompt-completion",
+    "prompt-response",
 ]
 
 

@@ -146,3 +146,23 @@ def test_listing_the_same_dataset_twice_is_an_error(test_data_dir, tiny_tokenize
 def test_unknown_name_in_a_spec_fails_before_loading_anything(tiny_tokenizer):
     with pytest.raises(ValueError, match="unknown dataset 'alpacca'; available: .*did you mean 'alpaca'"):
         SupervisedDataset("alpaca:1:/does/not/exist,alpacca", tiny_tokenizer)
+
+
+def test_field_mappings_ride_on_the_name_in_every_form():
+    mapped = DatasetSpec("preference", 0.5, path="/d/p.jsonl.gz", fields=(("prompt", "question"), ("chosen", "good")))
+    assert parse_dataset_specs("preference?prompt=question&chosen=good:0.5:/d/p.jsonl.gz") == [mapped]
+    assert parse_dataset_specs({"preference?prompt=question&chosen=good": (0.5, "/d/p.jsonl.gz")}) == [mapped]
+    assert parse_dataset_specs(str(mapped)) == [mapped]
+    assert str(mapped) == "preference?prompt=question&chosen=good:0.5:/d/p.jsonl.gz"
+    assert parse_dataset_specs("preference?prompt=q:#3,alpaca")[0] == DatasetSpec("preference", count=3, fields={"prompt": "q"})
+    with pytest.raises(ValueError, match="the field mapping names field 'prompt' twice"):
+        parse_dataset_specs("preference?prompt=a&prompt=b")
+    with pytest.raises(ValueError, match=r"field mapping entry 'chosen=' must read 'field=column'"):
+        parse_dataset_specs("preference?chosen=")
+
+
+def test_dataset_names_cannot_hold_the_field_mapping_marker(dataset_registry):
+    from ppo.data import RawDataset
+
+    with pytest.raises(ValueError, match=r"may not contain ':' or ',' or '\?'"):
+        type("Odd", (RawDataset,), {"NAME": "what?", "__getitem__": None, "__len__": None})

@@ -38,29 +38,6 @@ def pku_rows(test_data_dir):
         return [json.loads(line) for line in file]
 
 
-@pytest.fixture()
-def in_memory(dataset_registry):
-    """Register a dataset holding the given RawSamples under `name`."""
-
-    def register(name, samples):
-        class InMemory(RawDataset):
-            NAME = name
-
-            def __init__(self, path=None):
-                self.samples = samples
-
-            def __getitem__(self, index):
-                return self.samples[index]
-
-            def __len__(self):
-                return len(self.samples)
-
-        InMemory.__qualname__ = f"InMemory[{name}]"
-        return name
-
-    return register
-
-
 def encode(tokenizer, text, special=False):
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 

@@ -13,14 +13,18 @@ from ppo.demo import task
 from ppo.demo.evaluate import ScoredResponse, SamplingSettings, aggregate, side_by_side
 from ppo.demo.quickstart import (
     REPO_ROOT,
+    SEED_METRICS,
     ConsoleFilter,
     Layout,
     Stage,
+    aggregate_seeds,
     build_stages,
     config_overrides,
     env_flag,
     eta_seconds,
+    parse_seeds,
     rerooted_value,
+    seeds_table,
 )
 
 REQUIRED_SUMMARY_KEYS = (
@@ -269,14 +273,34 @@ def test_eta_scales_with_the_speed_of_finished_stages():
     assert eta_seconds(stages, 1, expected) == 100
 
 
-def test_console_filter_drops_debug_lines_and_passes_progress_bars():
+def test_console_filter_shows_bars_and_tagged_lines_only():
     console = ConsoleFilter()
-    shown = console.feed(b"\x1b[35m[2026-01-01 00:00:00,000] [   DEBUG]\x1b[0m - adam_beta1 : 0.9\nkeep me\n")
-    assert shown == b"keep me\n"
+    shown = console.feed(b"\x1b[35m[2026-01-01 00:00:00,000] [   DEBUG]\x1b[0m - adam_beta1 : 0.9\n[prepare_tiny] keep me\n")
+    assert shown == b"[prepare_tiny] keep me\n"
     assert console.feed(b"\rPPO:  50%|#####") == b"\rPPO:  50%|#####"  # no newline yet, shown at once
     assert console.feed(b"[2026] [    INFO] - half a li") == b""
-    assert console.feed(b"ne\n") == b"[2026] [    INFO] - half a line\n"
-    assert console.flush() == b""
+    assert console.feed(b"ne\n") == b""
+    noise = (
+        b"/usr/lib/python3.11/site-packages/paddle/utils/cpp_extension/extension_utils.py:712: UserWarning: No ccache found.\n"
+        b"  warnings.warn(warning_message)\n"
+        b"/x/site-packages/_distutils_hack/__init__.py:33: UserWarning: Setuptools is replacing distutils.\n"
+        b"\x1b[32m[2026-12-01 12:43:10,879] [    INFO]\x1b[0m - Loading configuration file /tmp/base/config.json\n"
+        b"If your task is similar to the task the model of the checkpoint was trained on, ...\n"
+        b"Generating train split: 0 examples [00:00, ? examples/s]\rGenerating train split: 2000 examples [00:00]\n"
+    )
+    assert console.feed(noise) == b""
+    assert console.flush() == b"\n"  # the PPO bar's line is ended before the quickstart prints
+
+
+def test_console_filter_keeps_a_bar_live_when_a_log_record_lands_on_its_line():
+    console = ConsoleFilter()
+    line = b"\rTrainProcess:   6%|6  | 20/315 [00:03<00:55][2026-12-01 12:43:15,526] [    INFO] - loss: 4.51\n"
+    assert console.feed(line) == b"\rTrainProcess:   6%|6  | 20/315 [00:03<00:55]"  # no newline: the bar goes on
+    assert console.feed(b"\rTrainProcess: 100%|##| 315/315 [01:01<00:00]\n") == b"\rTrainProcess: 100%|##| 315/315 [01:01<00:00]\n"
+    nested = b"\rPredictProcess:  50%|#####     | 2/4 [00:00<00:00]\x1b[A\n"
+    assert console.feed(nested) == b""
+    error = b"\x1b[31m[2026-12-01 12:43:15,526] [   ERROR]\x1b[0m - it broke\nTraceback (most recent call last):\nValueError: bad\n"
+    assert console.feed(error) == b"[2026-12-01 12:43:15,526] [   ERROR] - it broke\nTraceback (most recent call last):\nValueError: bad\n"
 
 
 @pytest.mark.parametrize("value, expected", [("", False), ("0", False), ("no", False), ("1", True), ("true", True)])
@@ -289,3 +313,28 @@ def test_env_flag_rejects_other_values(monkeypatch):
     monkeypatch.setenv("QUICKSTART_FAST", "maybe")
     with pytest.raises(SystemExit, match="not a boolean"):
         env_flag("QUICKSTART_FAST")
+
+
+@pytest.mark.parametrize("text, seeds", [("0,1,2,3,4", [0, 1, 2, 3, 4]), ("0-4", [0, 1, 2, 3, 4]), ("3, 7-8", [3, 7, 8])])
+def test_parse_seeds(text, seeds):
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "a", "1,,2", "2-", "1,1"])
+def test_parse_seeds_rejects_bad_lists(text):
+    with pytest.raises(ValueError, match="--seeds"):
+        parse_seeds(text)
+
+
+def test_seed_aggregate_reports_mean_minimum_and_every_target_per_seed():
+    def summary(seed, gain):
+        numbers = {key: 0.5 for key in SEED_METRICS}
+        numbers.update(seed=seed, judge_gain=gain, targets={"gain >= 0.25": gain >= 0.25})
+        return numbers
+
+    aggregated = aggregate_seeds([summary(0, 0.4), summary(1, 0.2), summary(2, 0.3)])
+    gain = aggregated["metrics"]["judge_gain"]
+    assert math.isclose(gain["mean"], 0.3) and gain["min"] == 0.2 and gain["max"] == 0.4 and gain["values"] == [0.4, 0.2, 0.3]
+    assert aggregated["targets"]["gain >= 0.25"] == {"0": True, "1": False, "2": True}
+    assert aggregated["all_targets_met"] is False
+    assert "NOT met for seeds 1" in seeds_table(aggregated)

@@ -13,8 +13,10 @@ from ppo.data.base import (
     format_prompt,
 )
 from ppo.data.loading import DATA_DIR_ENV
+from ppo.data.modules import DatasetModuleError, import_dataset_modules
 from ppo.data.specs import DatasetSpec, DatasetSpecs, parse_dataset_specs
 from ppo.data.templates import ChatTemplateError, EncodedTurns, PromptTemplate, build_template
+from ppo.data.truncation import PromptTruncation
 from ppo.data.tokenized import DataWarning, TokenizedDataset, resolve_pad_token_id
 from ppo.data.supervised import SupervisedBatch, SupervisedCollator, SupervisedDataset, SupervisedSample
 from ppo.data.preference import PreferenceBatch, PreferenceCollator, PreferenceDataset, PreferenceSample
@@ -27,7 +29,7 @@ from ppo.data.safety_preference import (
 from ppo.data.prompt_only import PromptOnlyBatch, PromptOnlyCollator, PromptOnlyDataset, PromptOnlySample
 
 # Built-in raw datasets register themselves on import.
-from ppo.data import alpaca, safe_rlhf  # noqa: E402,F401  isort: skip
+from ppo.data import alpaca, generic, hh_rlhf, safe_rlhf  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "IGNORE_INDEX",
@@ -38,6 +40,7 @@ __all__ = [
     "ChatTemplateError",
     "DATA_DIR_ENV",
     "DataWarning",
+    "DatasetModuleError",
     "DatasetSpec",
     "DatasetSpecs",
     "EncodedTurns",
@@ -50,6 +53,7 @@ __all__ = [
     "PromptOnlyDataset",
     "PromptOnlySample",
     "PromptTemplate",
+    "PromptTruncation",
     "RawDataset",
     "RawSample",
     "RawSampleError",
@@ -64,6 +68,7 @@ __all__ = [
     "TokenizedDataset",
     "build_template",
     "format_prompt",
+    "import_dataset_modules",
     "parse_dataset_specs",
     "resolve_pad_token_id",
 ]

@@ -15,8 +15,8 @@ PROMPT_ASSISTANT = "ASSISTANT:"
 PROMPT_INPUT = PROMPT_BEGIN + " " + PROMPT_USER + " " + PROMPT_ASSISTANT
 IGNORE_INDEX = -100
 
-# Characters that separate the parts of a dataset spec string (`name:proportion:path,name2`).
-SPEC_SEPARATORS = (":", ",")
+# Characters that separate the parts of a dataset spec string (`name?field=column:proportion:path,name2`).
+SPEC_SEPARATORS = (":", ",", "?")
 
 
 class RawSample(TypedDict, total=False):
@@ -41,6 +41,10 @@ class RawSample(TypedDict, total=False):
     dialogue: list[str]
     """A whole conversation for SFT: user, assistant, user, assistant, ... (even length);
     every assistant turn is trained on."""
+    system: str
+    """This conversation's system message. With `prompt_template` 'chat' it replaces the
+    `system_prompt` key for this row; templates without a system turn drop it (counted in one
+    warning)."""
 
     # Flags
     better: bool
@@ -53,7 +57,7 @@ class RawSample(TypedDict, total=False):
     """Whether `other_answer` is safe."""
 
 
-TEXT_FIELDS = ("answer", "other_answer")
+TEXT_FIELDS = ("answer", "other_answer", "system")
 FLAG_FIELDS = ("better", "safer", "is_safe", "is_other_safe")
 RAW_SAMPLE_FIELDS = ("input", "dialogue") + TEXT_FIELDS + FLAG_FIELDS
 
@@ -235,11 +239,22 @@ class RawDataset(abc.ABC):
         raise ValueError(message)
 
     @classmethod
-    def load(cls, name: str, path: Optional[str] = None, *args: Any, **kwargs: Any) -> "RawDataset":
-        """Instantiate the dataset registered as `name` (NAME or alias), reading from `path` if given."""
+    def load(
+        cls, name: str, path: Optional[str] = None, *args: Any, fields: Optional[Mapping[str, str]] = None, **kwargs: Any
+    ) -> "RawDataset":
+        """Instantiate the dataset registered as `name` (NAME or alias), reading from `path` if given.
+        `fields` (logical field -> column, the `name?field=column` part of a spec) is passed on to
+        datasets that take a field mapping (the generic formats of `ppo.data.generic`)."""
         dataset_class = cls.resolve(name)
+        if fields:
+            if not _accepts_keyword(dataset_class, "fields"):
+                raise TypeError(
+                    f"dataset {name!r} ({_class_path(dataset_class)}) takes no field mapping "
+                    f"('{name}?{'&'.join(f'{k}={v}' for k, v in fields.items())}'); its columns are fixed"
+                )
+            kwargs["fields"] = dict(fields)
         if path is not None:
-            if not _accepts_path(dataset_class):
+            if not _accepts_keyword(dataset_class, "path"):
                 raise TypeError(f"dataset {name!r} ({_class_path(dataset_class)}) does not take a path argument")
             dataset = dataset_class(*args, path=path, **kwargs)
         else:
@@ -262,6 +277,11 @@ class RawDataset(abc.ABC):
         for index in range(len(self)):
             yield self[index]
 
+    def source_index(self, index: int) -> int:
+        """The row of the source file that sample `index` comes from, for messages. The same
+        index unless the dataset leaves out rows it cannot use (see `ppo.data.hh_rlhf`)."""
+        return index
+
 
 def _aliases_of(cls: type) -> list[Any]:
     aliases = cls.__dict__.get("ALIASES", ())
@@ -278,10 +298,10 @@ def _is_redefinition(existing: type, new: type) -> bool:
     return existing is new or _class_path(existing) == _class_path(new)
 
 
-def _accepts_path(dataset_class: type) -> bool:
+def _accepts_keyword(dataset_class: type, keyword: str) -> bool:
     try:
         parameters = inspect.signature(dataset_class.__init__).parameters
     except (TypeError, ValueError):
         return True
-    return "path" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return keyword in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 

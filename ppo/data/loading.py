@@ -1,6 +1,7 @@
 """Read a table of rows for a built-in dataset: from the hub, or from local json/jsonl/parquet files.
 
-Local paths may be a data file or a directory. In a directory, files named after the split
+Local paths may be a data file or a directory (json and jsonl files may be gzip-compressed,
+`train.jsonl.gz`). In a directory, files named after the split
 (`train.jsonl`, `test.parquet`, `data/train-00000-of-00001.parquet`, `train/part-0.json`) are
 used for that split; a directory holding exactly one data file (not named after another split)
 uses it for any split.
@@ -17,6 +18,8 @@ from typing import Optional, Sequence
 
 DATA_DIR_ENV = "PADDLE_RLHF_DATA_DIR"
 DATA_FILE_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# HF datasets' json builder decompresses these itself (its download manager extracts them).
+COMPRESSED_EXTENSIONS = (".gz",)
 # A lone file named after another split is never used for the requested one.
 KNOWN_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
 
@@ -80,14 +83,40 @@ def load_local_table(dataset_name: str, path: str, split: str):
     try:
         return datasets.load_dataset(builders.pop(), data_files=files, split="train")
     except Exception as error:  # parse errors from pyarrow/json come in many types
-        raise ValueError(f"dataset {dataset_name!r}: cannot read {files}: {error}") from error
+        raise ValueError(f"dataset {dataset_name!r}: cannot read {files}: {_root_cause(error)}") from error
+
+
+def _root_cause(error: BaseException) -> str:
+    """HF datasets wraps the reader's error ("JSON parse error: Column(/prompt) changed from string
+    to array in row 1") in a generic one; show what the reader said as well."""
+    causes = [error]
+    while causes[-1].__cause__ is not None or causes[-1].__context__ is not None:
+        causes.append(causes[-1].__cause__ or causes[-1].__context__)
+        if len(causes) > 10:
+            break
+    if len(causes) == 1:
+        return str(error)
+    return " <- ".join(dict.fromkeys(f"{type(cause).__name__}: {cause}" for cause in causes))
+
+
+def _split_extension(name: str) -> tuple[str, str]:
+    """(stem, data extension) of a file name: 'train.jsonl.gz' -> ('train', '.jsonl'); the extension
+    is '' for files that are not data files (including a compressed parquet file)."""
+    stem, extension = os.path.splitext(name)
+    if extension.lower() in COMPRESSED_EXTENSIONS:
+        stem, extension = os.path.splitext(stem)
+        if DATA_FILE_EXTENSIONS.get(extension.lower()) != "json":
+            return stem, ""
+    extension = extension.lower()
+    return stem, extension if extension in DATA_FILE_EXTENSIONS else ""
 
 
 def _builder_for(dataset_name: str, file: str) -> str:
-    extension = os.path.splitext(file)[1].lower()
-    if extension not in DATA_FILE_EXTENSIONS:
+    extension = _split_extension(os.path.basename(file))[1]
+    if not extension:
         raise ValueError(
-            f"dataset {dataset_name!r}: unsupported file {file!r}; use one of {sorted(DATA_FILE_EXTENSIONS)}"
+            f"dataset {dataset_name!r}: unsupported file {file!r}; use one of {sorted(DATA_FILE_EXTENSIONS)} "
+            "(json and jsonl files may be gzip-compressed: .jsonl.gz)"
         )
     return DATA_FILE_EXTENSIONS[extension]
 
@@ -99,7 +128,7 @@ def _split_files(dataset_name: str, directory: str, split: str) -> list[str]:
         data_files += [
             os.path.join(root, name)
             for name in sorted(names)
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in DATA_FILE_EXTENSIONS
+            if not name.startswith(".") and _split_extension(name)[1]
         ]
     if not data_files:
         raise FileNotFoundError(
@@ -124,7 +153,7 @@ def _names_split(relative_path: str, split: str) -> bool:
     """Whether a file belongs to `split`: its name starts with the split (`train.json`,
     `train-0000.parquet`, `train_part.jsonl`) or a folder on its path is named after it."""
     *folders, name = relative_path.split(os.sep)
-    stem = os.path.splitext(name)[0]
+    stem = _split_extension(name)[0]
     if split in folders or stem == split:
         return True
     return any(stem.startswith(split + separator) for separator in "-_.")

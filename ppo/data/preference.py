@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, TypedDict, Union
+from typing import Optional, Sequence, TypedDict, Union
 
 import paddle
 
@@ -27,9 +27,10 @@ class PreferenceDataset(TokenizedDataset):
     """Pairs from (input, answer, other_answer, better): `better` says whether `answer` is the
     preferred one.
 
-    Each sequence is truncated to `max_length`. A pair is skipped (one `DataWarning` counts them;
-    an error if all are skipped) when the prompt leaves no room for an answer token, or when the
-    two sequences are identical after tokenisation and truncation (no preference to learn).
+    The prompt is fitted into `max_prompt_length` by `prompt_truncation` (see `TokenizedDataset`),
+    then each sequence is truncated to `max_length`. A pair is skipped (one `DataWarning` counts
+    them; an error if all are skipped) when its prompt is left out, or when the two sequences are
+    identical after tokenisation and truncation (no preference to learn).
     """
 
     REQUIRED_FIELDS = (("input", "answer", "other_answer", "better"),)
@@ -38,7 +39,7 @@ class PreferenceDataset(TokenizedDataset):
         better, worse = (
             (sample["answer"], sample["other_answer"]) if sample["better"] else (sample["other_answer"], sample["answer"])
         )
-        pair = encode_pair(self, sample["input"], better, worse)
+        pair = encode_pair(self, sample["input"], better, worse, self.system_of(sample))
         if isinstance(pair, Skip):
             return pair
         return PreferenceSample(better_input_ids=pair[0], worse_input_ids=pair[1])
@@ -47,13 +48,16 @@ class PreferenceDataset(TokenizedDataset):
         return PreferenceCollator(pad_token_id=self.pad_token_id)
 
 
-def encode_pair(dataset: TokenizedDataset, input, first: str, second: str) -> Union[tuple[list[int], list[int]], Skip]:
-    """Truncated ids of prompt + `first` and prompt + `second`, or a Skip with the reason."""
-    turns = [input] if isinstance(input, str) else list(input)
-    if len(dataset.encode_prompt(turns)) >= dataset.max_length:
-        return Skip(f"prompt fills max_length={dataset.max_length} with no room for an answer token")
-    first_ids = dataset.encode_turns(turns + [first]).input_ids[: dataset.max_length]
-    second_ids = dataset.encode_turns(turns + [second]).input_ids[: dataset.max_length]
+def encode_pair(
+    dataset: TokenizedDataset, input, first: str, second: str, system: Optional[str] = None
+) -> Union[tuple[list[int], list[int]], Skip]:
+    """Truncated ids of prompt + `first` and prompt + `second` (the prompt fitted into the
+    dataset's prompt budget), or a Skip with the reason."""
+    fitted = dataset.fit_prompt(input, system)
+    if isinstance(fitted, Skip):
+        return fitted
+    first_ids = dataset.encode_turns(fitted.turns + [first], system).input_ids[: dataset.max_length]
+    second_ids = dataset.encode_turns(fitted.turns + [second], system).input_ids[: dataset.max_length]
     if first_ids == second_ids:
         return Skip("both answers give identical token ids (after truncation)")
     return first_ids, second_ids

@@ -47,7 +47,7 @@ class SafetyPreferenceDataset(TokenizedDataset):
                 "safer",
                 f"is {sample['safer']}, but that answer is labelled unsafe while the other answer is labelled safe",
             )
-        pair = encode_pair(self, sample["input"], safer, unsafer)
+        pair = encode_pair(self, sample["input"], safer, unsafer, self.system_of(sample))
         if isinstance(pair, Skip):
             return pair
         return SafetyPreferenceSample(

@@ -8,6 +8,10 @@ Accepted forms (all equivalent ways to say the same thing):
   `'alpaca:0.75:/data/alpaca,my-dataset:0.5'` (an empty amount, `'alpaca::/data/alpaca'`, means 1);
 - a list of such strings (or of `DatasetSpec`s).
 
+A name may carry a field mapping for the generic formats (`ppo.data.generic`), written like a URL
+query: `'preference?prompt=question&chosen=good:0.5:/data/pairs.jsonl.gz'` reads the logical field
+`prompt` from the column `question` and `chosen` from `good` (also as a dict key).
+
 The amount is a fraction of the dataset (`0.5` = half, `2.5` = two full passes plus half of it)
 or an exact sample count written `#N` (`'#100'`; above the dataset size it repeats too).
 Sampling is seeded: the same specs and seed select the same rows.
@@ -37,10 +41,23 @@ class DatasetSpec:
     """Exact number of samples (replaces `proportion`)."""
     path: Optional[str] = None
     """Local file or directory to read instead of the hub."""
+    fields: tuple[tuple[str, str], ...] = ()
+    """(logical field, column) pairs: which columns a generic format reads its fields from."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"dataset spec needs a non-empty name, got {self.name!r}")
+        if isinstance(self.fields, Mapping):
+            object.__setattr__(self, "fields", tuple(self.fields.items()))  # frozen: normalise once here
+        for pair in self.fields:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+                raise ValueError(
+                    f"dataset {self.name!r}: field mapping entries must be non-empty 'field=column' pairs, got {pair!r}"
+                )
+        logical = [field for field, _ in self.fields]
+        repeated = sorted({field for field in logical if logical.count(field) > 1})
+        if repeated:
+            raise ValueError(f"dataset {self.name!r}: the field mapping names field {repeated[0]!r} twice")
         if isinstance(self.proportion, bool) or not isinstance(self.proportion, (int, float)):
             raise ValueError(f"dataset {self.name!r}: proportion must be a number, got {self.proportion!r}")
         if not math.isfinite(self.proportion) or self.proportion <= 0:
@@ -56,6 +73,10 @@ class DatasetSpec:
         if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
             raise ValueError(f"dataset {self.name!r}: path must be a non-empty string, got {self.path!r}")
 
+    @property
+    def field_map(self) -> dict[str, str]:
+        return dict(self.fields)
+
     def num_samples(self, num_rows: int) -> int:
         """How many samples this spec draws from a dataset of `num_rows` rows."""
         if self.count is not None:
@@ -64,7 +85,8 @@ class DatasetSpec:
 
     def __str__(self) -> str:
         amount = f"#{self.count}" if self.count is not None else f"{self.proportion:g}"
-        return f"{self.name}:{amount}" + (f":{self.path}" if self.path is not None else "")
+        name = self.name + ("?" + "&".join(f"{field}={column}" for field, column in self.fields) if self.fields else "")
+        return f"{name}:{amount}" + (f":{self.path}" if self.path is not None else "")
 
 
 DatasetSpecs = Union[str, DatasetSpec, Mapping[str, Any], Sequence[Union[str, DatasetSpec]]]
@@ -123,7 +145,25 @@ def _parse_mapping_entry(name: Any, value: Any) -> DatasetSpec:
     return _make_spec(name, value, path, f"{name}: {value!r}")
 
 
+def _split_field_mapping(name: str, source: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """`'preference?prompt=question&chosen=good'` -> ('preference', (('prompt', 'question'), ('chosen', 'good')))."""
+    name, marker, query = name.partition("?")
+    if not marker:
+        return name, ()
+    pairs = []
+    for item in query.split("&"):
+        field, equals, column = (part.strip() for part in item.partition("="))
+        if not equals or not field or not column:
+            raise ValueError(
+                f"dataset spec {source!r}: field mapping entry {item!r} must read 'field=column' "
+                "(several joined by '&', e.g. 'preference?prompt=question&chosen=good')"
+            )
+        pairs.append((field, column))
+    return name.strip(), tuple(pairs)
+
+
 def _make_spec(name: str, amount: Any, path: Any, source: str) -> DatasetSpec:
+    name, fields = _split_field_mapping(name, source)
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if isinstance(amount, str):
@@ -132,7 +172,7 @@ def _make_spec(name: str, amount: Any, path: Any, source: str) -> DatasetSpec:
             digits = amount[1:]
             if not digits.isdigit():
                 raise ValueError(f"dataset spec {source!r}: sample count {amount!r} must be '#' followed by digits")
-            return DatasetSpec(name, count=int(digits), path=path)
+            return DatasetSpec(name, count=int(digits), path=path, fields=fields)
         if amount == "":
             amount = None
         else:
@@ -147,7 +187,7 @@ def _make_spec(name: str, amount: Any, path: Any, source: str) -> DatasetSpec:
         amount = 1.0
     if isinstance(amount, bool) or not isinstance(amount, (int, float, np.integer, np.floating)):
         raise ValueError(f"dataset spec {source!r}: proportion {amount!r} is not a number")
-    return DatasetSpec(name, proportion=float(amount), path=path)
+    return DatasetSpec(name, proportion=float(amount), path=path, fields=fields)
 
 
 def sample_indices(num_rows: int, spec: DatasetSpec, rng: np.random.Generator) -> list[int]:

@@ -30,21 +30,32 @@ class SupervisedDataset(TokenizedDataset):
     For a `dialogue`, every assistant turn (and its end-of-turn token) is labelled; for a dialogue
     `input`, only the final `answer`.
 
-    Sequences longer than `max_length` are truncated (the final EOS may be cut). A sample whose
-    prompt leaves no room for a single answer token is skipped; skipped samples are reported in one
+    The prompt (the input; for a `dialogue`, its first user turn) is fitted into
+    `max_prompt_length` by `prompt_truncation` (see `TokenizedDataset`); then sequences longer
+    than `max_length` are truncated (the final EOS may be cut). A sample whose prompt is left out,
+    or leaves no room for a single answer token, is skipped; skipped samples are reported in one
     `DataWarning`, and an error is raised if every sample is skipped.
     """
 
     REQUIRED_FIELDS = (("input", "answer"), ("dialogue",))
 
     def preprocess(self, sample: RawSample) -> Union[SupervisedSample, Skip]:
+        system = self.system_of(sample)
         if "dialogue" in sample:
-            encoded = self.encode_turns(sample["dialogue"])
+            # Every answer is trained on, so there are no earlier turns to give up: only the
+            # opening user turn can be cut.
+            fitted = self.fit_prompt(sample["dialogue"][:1], system)
+            if isinstance(fitted, Skip):
+                return fitted
+            encoded = self.encode_turns(fitted.turns + list(sample["dialogue"][1:]), system)
             is_answer = encoded.is_answer
         else:
             # Earlier answers of a dialogue prompt are context; only the final answer is trained on.
-            turns = [sample["input"]] if isinstance(sample["input"], str) else list(sample["input"])
-            encoded = self.encode_turns(turns + [sample["answer"]])
+            fitted = self.fit_prompt(sample["input"], system)
+            if isinstance(fitted, Skip):
+                return fitted
+            turns = fitted.turns
+            encoded = self.encode_turns(turns + [sample["answer"]], system)
             is_answer = [index == len(turns) // 2 for index in encoded.answer_index]
         input_ids, is_answer = encoded.input_ids[: self.max_length], is_answer[: self.max_length]
         if not any(is_answer):

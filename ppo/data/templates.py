@@ -48,7 +48,10 @@ class EncodedTurns:
 
 class PromptTemplate(abc.ABC):
     """Turns user/assistant turns into ids for one tokenizer. Subclasses set `NAME` and implement
-    `encode_turns`, `prompt_text` and `stop_token_ids`."""
+    `encode_turns`, `prompt_text` and `stop_token_ids`.
+
+    `system` (every method): a row's own system message, replacing `system_prompt` for that
+    conversation; templates without a system turn (`HAS_SYSTEM_TURN` False) ignore it."""
 
     NAME: ClassVar[str]
     HAS_SYSTEM_TURN: ClassVar[bool] = False  # whether `system_prompt` means anything to it
@@ -71,13 +74,13 @@ class PromptTemplate(abc.ABC):
         return sorted(PromptTemplate._registry)
 
     @abc.abstractmethod
-    def encode_turns(self, turns: Turns) -> EncodedTurns:
+    def encode_turns(self, turns: Turns, system: Optional[str] = None) -> EncodedTurns:
         """Ids of a conversation: user, assistant, user, ... A conversation ending with a user turn
         is a prompt (ends where the answer starts); one ending with an answer ends with the
         answer's end-of-turn token."""
 
     @abc.abstractmethod
-    def prompt_text(self, turns: Turns) -> str:
+    def prompt_text(self, turns: Turns, system: Optional[str] = None) -> str:
         """The rendered text of a prompt (identical texts are identical prompts)."""
 
     @property
@@ -85,8 +88,12 @@ class PromptTemplate(abc.ABC):
     def stop_token_ids(self) -> tuple[int, ...]:
         """Tokens that end a generated answer; the first is the one the template writes."""
 
-    def encode_prompt(self, turns: Turns) -> list[int]:
-        return self.encode_turns(turns).input_ids
+    def encode_prompt(self, turns: Turns, system: Optional[str] = None) -> list[int]:
+        return self.encode_turns(turns, system).input_ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of plain text without special tokens (how every piece of a conversation is encoded)."""
+        return self._encode_text(text)
 
     def _encode_text(self, text: str) -> list[int]:
         if not text:
@@ -156,7 +163,7 @@ class SafeRlhfTemplate(PromptTemplate):
     def stop_token_ids(self) -> tuple[int, ...]:
         return (self.eos_token_id,)
 
-    def encode_turns(self, turns: Turns) -> EncodedTurns:
+    def encode_turns(self, turns: Turns, system: Optional[str] = None) -> EncodedTurns:
         ids: list[int] = list(self._prefix_ids)
         answer_index: list[int] = [-1] * len(ids)
         for position, turn in enumerate(as_turns(turns)):
@@ -171,7 +178,7 @@ class SafeRlhfTemplate(PromptTemplate):
             answer_index += [index] * len(piece)
         return EncodedTurns(ids, answer_index)
 
-    def prompt_text(self, turns: Turns) -> str:
+    def prompt_text(self, turns: Turns, system: Optional[str] = None) -> str:
         return format_prompt(turns, self.tokenizer.eos_token)
 
 
@@ -253,11 +260,12 @@ class ChatTemplate(PromptTemplate):
     def stop_token_ids(self) -> tuple[int, ...]:
         return self._stop_ids
 
-    def render(self, turns: Turns, add_generation_prompt: bool) -> str:
-        """The template's text of `turns` (after the optional system prompt)."""
+    def render(self, turns: Turns, add_generation_prompt: bool, system: Optional[str] = None) -> str:
+        """The template's text of `turns` (after the row's `system` message, else `system_prompt`)."""
         import jinja2
 
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        system = system if system is not None else self.system_prompt
+        messages = [{"role": "system", "content": system}] if system is not None else []
         messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": turn} for i, turn in enumerate(as_turns(turns))]
         try:
             return self._jinja.render(
@@ -266,16 +274,16 @@ class ChatTemplate(PromptTemplate):
         except jinja2.TemplateError as error:
             raise ChatTemplateError(f"{self.KEY}: the chat template in {self.origin} fails to render: {error}") from None
 
-    def prompt_text(self, turns: Turns) -> str:
-        return self.render(turns, add_generation_prompt=True)
+    def prompt_text(self, turns: Turns, system: Optional[str] = None) -> str:
+        return self.render(turns, add_generation_prompt=True, system=system)
 
-    def encode_turns(self, turns: Turns) -> EncodedTurns:
+    def encode_turns(self, turns: Turns, system: Optional[str] = None) -> EncodedTurns:
         turns = as_turns(turns)
         pieces: list[tuple[str, int]] = []  # (text, answer index or -1)
         covered = ""  # the rendered text the pieces so far spell
         for position in range(1, len(turns), 2):
-            opened = self._extend(covered, self.render(turns[:position], add_generation_prompt=True), turns, position)
-            closed = self.render(turns[: position + 1], add_generation_prompt=False)
+            opened = self._extend(covered, self.render(turns[:position], True, system), turns, position)
+            closed = self.render(turns[: position + 1], False, system)
             end = closed.rfind(self.end_of_turn_text, len(opened))
             if not closed.startswith(opened) or end < 0:
                 raise ChatTemplateError(
@@ -286,7 +294,7 @@ class ChatTemplate(PromptTemplate):
             pieces += [(opened[len(covered) :], -1), (closed[len(opened) : end], position // 2)]
             covered = closed[:end]
         if len(turns) % 2 == 1:  # a prompt: up to where the template opens the assistant turn
-            opened = self._extend(covered, self.render(turns, add_generation_prompt=True), turns, len(turns))
+            opened = self._extend(covered, self.render(turns, True, system), turns, len(turns))
             pieces.append((opened[len(covered) :], -1))
         ids: list[int] = []
         answer_index: list[int] = []

@@ -27,7 +27,14 @@ import paddle
 
 from ppo.data.base import RawDataset, RawSample, RawSampleError, check_raw_sample
 from ppo.data.specs import DatasetSpecs, parse_dataset_specs, sample_indices
-from ppo.data.templates import DEFAULT_TEMPLATE, EncodedTurns, PromptTemplate, build_template
+from ppo.data.templates import DEFAULT_TEMPLATE, EncodedTurns, PromptTemplate, as_turns, build_template
+from ppo.data.truncation import (
+    DEFAULT_PROMPT_TRUNCATION,
+    FittedPrompt,
+    PromptFitter,
+    Unfit,
+    check_max_prompt_length,
+)
 
 
 class DataWarning(UserWarning):
@@ -62,7 +69,7 @@ class InvalidSample(Exception):
 
 
 class SkippedSamples:
-    """Counts skipped samples by reason, to report them in one warning."""
+    """Counts samples by reason (skipped, shortened, ...), to report them in one warning."""
 
     def __init__(self) -> None:
         self.by_reason: dict[str, list[RowRef]] = {}
@@ -130,11 +137,19 @@ class TokenizedDataset(paddle.io.Dataset):
     `ppo.data.specs`), samples them with `seed`, validates every raw sample as it is read, and
     tokenises it with `preprocess`. `max_length` (default `tokenizer.model_max_length`) bounds every
     sequence. `prompt_template` names the conversation template ("safe-rlhf" or "chat", see
-    `ppo.data.templates`); `system_prompt` opens every conversation (chat templates only).
+    `ppo.data.templates`); `system_prompt` opens every conversation (chat templates only; a row's
+    own `system` message replaces it).
+
+    Prompts longer than `max_prompt_length` tokens (default: `max_length - answer_room`) are
+    shortened or left out by `prompt_truncation` (`ppo.data.truncation`; default "drop"); one
+    `DataWarning` counts the shortened prompts with the first row, another the left-out ones.
     Subclasses set `REQUIRED_FIELDS` and implement `preprocess` and `get_collator`.
     """
 
     REQUIRED_FIELDS: ClassVar[tuple[tuple[str, ...], ...]]
+    # Tokens a prompt must leave free within max_length for the answer (at least one to train on).
+    answer_room: int = 1
+    ANSWER_WORD: ClassVar[str] = "answer"  # what follows the prompt, in messages
 
     def __init__(
         self,
@@ -144,11 +159,20 @@ class TokenizedDataset(paddle.io.Dataset):
         seed: int = 42,
         prompt_template: str = DEFAULT_TEMPLATE,
         system_prompt: Optional[str] = None,
+        max_prompt_length: Optional[int] = None,
+        prompt_truncation: str = DEFAULT_PROMPT_TRUNCATION,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.max_length = _resolve_max_length(tokenizer, max_length)
         self.seed = seed
+        check_max_prompt_length(
+            max_prompt_length,
+            self.max_length - self.answer_room,
+            f"{type(self).__name__} needs prompts to leave {self.answer_room} of max_length={self.max_length} "
+            f"tokens for the {self.ANSWER_WORD}",
+        )
+        self.max_prompt_length = max_prompt_length
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None:
             raise ValueError(f"{type(tokenizer).__name__} has no EOS token; every sequence must end with one")
@@ -156,20 +180,31 @@ class TokenizedDataset(paddle.io.Dataset):
         self.pad_token_id = resolve_pad_token_id(tokenizer)
         self.specs = parse_dataset_specs(datasets)
         self.template: PromptTemplate = build_template(prompt_template, tokenizer, system_prompt)
+        self.prompt_fitter = PromptFitter(
+            self.template,
+            self.max_length - self.answer_room if max_prompt_length is None else max_prompt_length,
+            prompt_truncation,
+            too_long=self._too_long_reason(),
+        )
         self.items: list[dict[str, Any]] = []
         self.sources: list[RowRef] = []  # sources[i] = where items[i] came from
+        # Changes made to samples that were kept, by kind ("shortened", "system"); see `_note`.
+        self.changed: dict[str, SkippedSamples] = {"shortened": SkippedSamples(), "system": SkippedSamples()}
+        self._pending_notes: list[tuple[str, str]] = []
+        self._num_read = 0
         self._build_items(self._raw_samples())
         if not self.items:
             raise ValueError(f"{type(self).__name__}: no samples in {[str(spec) for spec in self.specs]}")
+        self._report_changes()
 
     # ---- building ------------------------------------------------------------------------------
 
     def _raw_samples(self) -> Iterator[tuple[RowRef, RawSample]]:
         """Validated raw samples of every spec, in spec order, seeded."""
         classes = [RawDataset.resolve(spec.name) for spec in self.specs]  # fail on a typo before loading
-        seen: dict[tuple[type, Optional[str]], str] = {}
+        seen: dict[tuple, str] = {}  # (class, path, field mapping) -> name as given
         for spec, dataset_class in zip(self.specs, classes):
-            key = (dataset_class, spec.path)
+            key = (dataset_class, spec.path, spec.fields)
             if key in seen:
                 raise ValueError(
                     f"dataset {spec.name!r} is listed twice ({seen[key]!r} and {spec.name!r}, same path); "
@@ -178,10 +213,12 @@ class TokenizedDataset(paddle.io.Dataset):
             seen[key] = spec.name
         rng = np.random.default_rng(self.seed)
         for spec in self.specs:
-            raw = RawDataset.load(spec.name, spec.path)
+            raw = RawDataset.load(spec.name, spec.path, fields=spec.field_map)
             for index in sample_indices(len(raw), spec, rng):
-                sample = check_raw_sample(raw[index], self.REQUIRED_FIELDS, spec.name, index)
-                yield RowRef(spec.name, index), sample
+                row = raw.source_index(index)
+                sample = check_raw_sample(raw[index], self.REQUIRED_FIELDS, spec.name, row)
+                self._num_read += 1
+                yield RowRef(spec.name, row), sample
 
     def _build_items(self, samples: Iterator[tuple[RowRef, RawSample]]) -> None:
         skipped = SkippedSamples()
@@ -197,10 +234,73 @@ class TokenizedDataset(paddle.io.Dataset):
         self._report_skipped(skipped, total, verb="skipped")
 
     def _preprocess(self, ref: RowRef, sample: RawSample) -> Union[dict[str, Any], Skip]:
+        self._pending_notes.clear()
         try:
-            return self.preprocess(sample)
+            result = self.preprocess(sample)
         except InvalidSample as error:
             raise RawSampleError(f"{ref}: field {error.field!r} {error.problem}") from None
+        if not isinstance(result, Skip):
+            self._record_notes(ref)
+        return result
+
+    def _record_notes(self, ref: RowRef) -> None:
+        """Count what `preprocess` changed in the sample at `ref` (see `_note`)."""
+        for kind, note in self._pending_notes:
+            self.changed[kind].add(note, ref)
+        self._pending_notes.clear()
+
+    def _note(self, kind: str, note: str) -> None:
+        # preprocess does not know its row; `_record_notes` attaches the row once the item is kept.
+        self._pending_notes.append((kind, note))
+
+    def _report_changes(self) -> None:
+        name, total = type(self).__name__, self._num_read
+        shortened, systems = self.changed["shortened"], self.changed["system"]
+        if shortened:
+            warnings.warn(
+                f"{name}: shortened {len(shortened)} of {total} prompts to {self.prompt_fitter.limit} tokens "
+                f"({self._limit_key()}): {shortened.describe()}",
+                DataWarning,
+                stacklevel=3,
+            )
+        if systems:
+            warnings.warn(
+                f"{name}: dropped the system message of {len(systems)} of {total} samples: {systems.describe()}",
+                DataWarning,
+                stacklevel=3,
+            )
+
+    def _limit_key(self) -> str:
+        if self.max_prompt_length is not None:
+            return f"max_prompt_length={self.max_prompt_length}"
+        room = f" minus {self.answer_room} for the {self.ANSWER_WORD}" if self.answer_room else ""
+        return f"max_length={self.max_length}{room}"
+
+    def _too_long_reason(self) -> str:
+        """How a prompt over the budget is described when it is left out ("drop")."""
+        if self.max_prompt_length is not None:
+            return f"prompt longer than max_prompt_length={self.max_prompt_length} tokens"
+        return f"prompt fills max_length={self.max_length} with no room for an answer token"
+
+    # ---- prompts -------------------------------------------------------------------------------
+
+    def system_of(self, sample: RawSample) -> Optional[str]:
+        """The row's own system message, if the template can show it (else noted as dropped)."""
+        system = sample.get("system")
+        if system is not None and not self.template.HAS_SYSTEM_TURN:
+            self._note("system", f"prompt_template {self.template.NAME!r} has no system turn")
+            return None
+        return system
+
+    def fit_prompt(self, input: Union[str, Sequence[str]], system: Optional[str] = None) -> Union[FittedPrompt, Skip]:
+        """The prompt of `input` within the prompt budget (shortened by `prompt_truncation`, and
+        noted), or a Skip when it is left out."""
+        fitted = self.prompt_fitter.fit(as_turns(input), system)
+        if isinstance(fitted, Unfit):
+            return Skip(fitted.reason)
+        if fitted.shortened is not None:
+            self._note("shortened", fitted.shortened)
+        return fitted
 
     def _report_skipped(self, skipped: SkippedSamples, total: int, verb: str) -> None:
         if not skipped:
@@ -220,15 +320,15 @@ class TokenizedDataset(paddle.io.Dataset):
 
     # ---- encoding ------------------------------------------------------------------------------
 
-    def encode_turns(self, turns: Union[str, Sequence[str]]) -> EncodedTurns:
+    def encode_turns(self, turns: Union[str, Sequence[str]], system: Optional[str] = None) -> EncodedTurns:
         """Ids of a conversation (user, assistant, user, ...) and, per id, the index of the answer it
         belongs to (answer tokens and the end-of-turn token after them), -1 elsewhere."""
-        return self.template.encode_turns(turns)
+        return self.template.encode_turns(turns, system)
 
-    def encode_prompt(self, input: Union[str, Sequence[str]]) -> list[int]:
+    def encode_prompt(self, input: Union[str, Sequence[str]], system: Optional[str] = None) -> list[int]:
         """Ids of the prompt for `input` (a string or a dialogue ending with a user turn), ending
         where the template opens the answer."""
-        return self.template.encode_prompt(input)
+        return self.template.encode_prompt(input, system)
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:

@@ -32,15 +32,19 @@ import os
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence
 
-import paddle
-from tqdm.auto import tqdm
+from ppo.runtime import prepare_process
 
-from ppo.data.templates import DEFAULT_TEMPLATE
-from ppo.demo import task
-from ppo.model_import import resolve_model_path
-from ppo.model_io import load_tokenizer
-from ppo.tokenizer_io import decode
-from ppo.models.kernels import cpu_safe_config_overrides
+prepare_process()  # before Paddle loads (run as `python -m ppo.demo.evaluate`)
+
+import paddle  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from ppo.data.templates import DEFAULT_TEMPLATE  # noqa: E402
+from ppo.demo import task  # noqa: E402
+from ppo.model_import import resolve_model_path  # noqa: E402
+from ppo.model_io import load_tokenizer  # noqa: E402
+from ppo.tokenizer_io import decode  # noqa: E402
+from ppo.models.kernels import cpu_safe_config_overrides  # noqa: E402
 
 # Room for the longest answer of the demo task (opener + answer + closing is at most ~15 pieces
 # with the demo tokenizer) with slack to see whether a policy rambles.

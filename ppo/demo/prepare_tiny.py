@@ -124,6 +124,9 @@ def prepare_tiny(output_root: str, seed: int = 0, force: bool = False, log: Call
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from ppo.runtime import prepare_process
+
+    prepare_process()  # before Paddle loads
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-root", default=os.path.join("output", "tiny"), help="where to put data/, tokenizer/ and base/")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the model initialisation")

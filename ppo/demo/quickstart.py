@@ -1,7 +1,7 @@
 """The one-command CPU quickstart: build the tiny assets, run SFT -> reward model -> PPO with the
 repository's own entry points and JSON configs, then judge the policy before and after PPO.
 
-    bash scripts/quickstart.sh [--seed N] [--output-root DIR] [--fast]
+    bash scripts/quickstart.sh [--seed N | --seeds 0,1,2,3,4] [--output-root DIR] [--fast]
     python -m ppo.demo.quickstart [same options]
 
 Stages (each one a separate process, exactly the command printed in its banner)::
@@ -50,8 +50,8 @@ DEFAULT_SEED = 0
 
 # Targets of the quickstart (issue 5); the summary says whether each one was met.
 TARGET_WALL_SECONDS = 600.0
-TARGET_RM_ACCURACY = 0.8
-TARGET_JUDGE_GAIN = 0.15
+TARGET_RM_ACCURACY = 0.85
+TARGET_JUDGE_GAIN = 0.25
 
 # Flags that shorten each stage in --fast mode (applied after the JSON config, like any user
 # override). Evaluation sets are cut too: evaluation time would otherwise dominate.
@@ -65,9 +65,11 @@ FAST_OVERRIDES = {
 # 96 held-out prompts x 8 samples = 768 answers per policy: the standard error of a judge score
 # is then about 0.015 (answers to one prompt are correlated, so more prompts would help more).
 EVALUATION_SAMPLES_PER_PROMPT = 8
+# Lines of a failed stage's log shown on the console.
+FAILURE_TAIL_LINES = 30
 
 # Seconds each stage took in a full run on 2 lightly loaded CPU cores (used only for the ETA).
-EXPECTED_SECONDS = {"assets": 6, "sft": 85, "rm": 85, "ppo": 40, "evaluate": 20}
+EXPECTED_SECONDS = {"assets": 8, "sft": 70, "rm": 170, "ppo": 35, "evaluate": 20}
 EXPECTED_SECONDS_FAST = {"assets": 6, "sft": 12, "rm": 12, "ppo": 20, "evaluate": 12}
 
 CURVE_PANELS = (
@@ -227,30 +229,72 @@ def banner(stage: Stage, index: int, stages: Sequence[Stage], started: float, ex
 
 
 class ConsoleFilter:
-    """Drops PaddleNLP's DEBUG lines (the ~200-line training-argument dump of every stage) from
-    the console; the stage log keeps everything. Progress-bar updates (text ending in a carriage
-    return, no newline yet) pass through at once so the bars stay live."""
+    """What of a stage's output reaches the console; the stage log keeps everything.
 
-    NOISE = re.compile(rb"\] \[\s*DEBUG\]")
+    Shown: progress bars (redraws passed through at once so they stay live), this project's
+    tagged lines (`[prepare_tiny] ...`), errors and tracebacks. Everything else stays in the log:
+    PaddleNLP's DEBUG/INFO/WARNING records (argument dumps, "loading file ..."), Python warnings
+    raised inside installed packages ("No ccache found", "Setuptools is replacing distutils"),
+    the `datasets` library's "Generating ... split" bars and the evaluation bars nested inside
+    training. Colour codes are removed. When a stage fails, `run_stage` prints the log's tail."""
+
+    COLOUR = re.compile(rb"\x1b\[[0-9;]*m")
+    BAR = re.compile(rb"\d+%\|")
+    HIDDEN_BARS = re.compile(rb"Generating \w+ split|PredictProcess")
+    SHOWN_LINES = (
+        re.compile(rb"^\[[a-z_]+\] "),  # this project's tagged progress lines
+        re.compile(rb"\] \[\s*(?:ERROR|CRITICAL)\]"),
+        re.compile(rb"^Traceback |^\w*(?:Error|Exception)\b"),
+    )
 
     def __init__(self):
         self.pending = b""
+        self.bar_open = False  # the console's last line is a progress bar without its newline
+
+    # A log record written while a bar is open lands on the bar's line, after its last redraw.
+    # So does a Python warning ("/path/module.py:687: SomeWarning: ...").
+    LOG_RECORD = re.compile(rb"\[\d{4}-\d\d-\d\d [\d:,]+\] \[|/\S+\.py:\d+: \w*Warning")
+
+    def _bar(self, segment: bytes) -> bytes:
+        """The last redraw in `segment` when it is a progress bar to show, else b""."""
+        redraws = [part for part in segment.split(b"\r") if part.strip()]
+        if not redraws or not self.BAR.search(redraws[-1]) or self.HIDDEN_BARS.search(redraws[-1]):
+            return b""
+        return b"\r" + redraws[-1].replace(b"\x1b[A", b"").rstrip()
+
+    def _line(self, line: bytes) -> bytes:
+        plain = self.COLOUR.sub(b"", line)
+        if b"\r" in plain or self.BAR.search(plain):
+            record = self.LOG_RECORD.search(plain)
+            bar = self._bar(plain[: record.start()] if record else plain)
+            # The newline belongs to the log record, not the bar (which keeps redrawing in place),
+            # unless the bar itself ended the line (it closed).
+            return bar if record else bar + b"\n" if bar else b""
+        return plain + b"\n" if any(pattern.search(plain) for pattern in self.SHOWN_LINES) else b""
 
     def feed(self, chunk: bytes) -> bytes:
         self.pending += chunk
         shown = []
         while b"\n" in self.pending:
             line, self.pending = self.pending.split(b"\n", 1)
-            if not self.NOISE.search(line):
-                shown.append(line + b"\n")
-        if b"\r" in self.pending:  # a progress bar redrawing its line
-            shown.append(self.pending)
+            shown.append(self._line(line))
+        if b"\r" in self.pending:  # a progress bar redrawing its line, no newline yet
+            shown.append(self._bar(self.COLOUR.sub(b"", self.pending)))
             self.pending = b""
-        return b"".join(shown)
+        return self._track(b"".join(shown))
 
     def flush(self) -> bytes:
+        """The rest of the output, ending with a newline if anything is left on the last line."""
         rest, self.pending = self.pending, b""
-        return b"" if self.NOISE.search(rest) else rest
+        shown = self._track(self._line(rest).rstrip(b"\n") if rest else b"")
+        if self.bar_open:
+            shown, self.bar_open = shown + b"\n", False
+        return shown
+
+    def _track(self, shown: bytes) -> bytes:
+        if shown:
+            self.bar_open = not shown.endswith(b"\n")
+        return shown
 
 
 def run_stage(stage: Stage, log_path: str) -> float:
@@ -278,6 +322,10 @@ def run_stage(stage: Stage, log_path: str) -> float:
         code = process.wait()
     seconds = time.time() - start
     if code != 0:
+        # The console showed only bars and tagged lines: show how the stage ended.
+        with open(log_path, "rb") as log:
+            tail = log.read()[-6000:].decode("utf-8", errors="replace").splitlines()[-FAILURE_TAIL_LINES:]
+        print("\n".join(["", f"--- last lines of {log_path} ---", *tail, "---"]), flush=True)
         raise SystemExit(f"\nquickstart: stage '{stage.name}' failed (exit code {code}) after {format_seconds(seconds)}; full output in {log_path}")
     return seconds
 
@@ -349,6 +397,9 @@ def build_summary(layout: Layout, stages: Sequence[Stage], seed: int, fast: bool
         f"wall_seconds <= {TARGET_WALL_SECONDS:g}": wall_seconds <= TARGET_WALL_SECONDS,
         f"rm_eval_accuracy >= {TARGET_RM_ACCURACY}": summary["rm_eval_accuracy"] >= TARGET_RM_ACCURACY,
         f"judge_score_ppo - judge_score_sft >= {TARGET_JUDGE_GAIN}": summary["judge_gain"] >= TARGET_JUDGE_GAIN,
+        # The gain must not come from one rule at the expense of the other (reward hacking).
+        "colour_accuracy_ppo >= colour_accuracy_sft": summary["colour_accuracy_ppo"] >= summary["colour_accuracy_sft"],
+        "politeness_rate_ppo >= politeness_rate_sft": summary["politeness_rate_ppo"] >= summary["politeness_rate_sft"],
     }
     summary["samples"] = evaluation["samples"]
     return summary
@@ -391,6 +442,20 @@ def results_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def stage_result(name: str, layout: Layout) -> str:
+    """The headline number of a finished stage, for its "done" line."""
+    path = os.path.join(layout.stage_dir(name), "all_results.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    shown = {"sft": ("eval_loss", "eval loss {:.3f}"), "rm": ("eval_accuracy", "held-out accuracy {:.3f}"),
+             "ppo": ("eval/reward", "eval reward {:+.3f}")}.get(name)  # fmt: skip
+    if shown is None or not isinstance(results.get(shown[0]), (int, float)):
+        return ""
+    return ": " + shown[1].format(results[shown[0]])
+
+
 def write_curves(layout: Layout, seed: int) -> str:
     from ppo.plotting import plot_training_curves
 
@@ -429,7 +494,7 @@ def run(output_root: str, seed: int = DEFAULT_SEED, fast: bool = False) -> dict:
         log_path = os.path.join(layout.quickstart, "logs", f"{stage.name}.log")
         banner(stage, index, stages, started, expected, log_path)
         stage.seconds = run_stage(stage, log_path)
-        print(f"[{stage.name}] done in {format_seconds(stage.seconds)}", flush=True)
+        print(f"[{stage.name}] done in {format_seconds(stage.seconds)}{stage_result(stage.name, layout)}", flush=True)
     write_curves(layout, seed)
     wall_seconds = time.time() - started
     load["end"] = os.getloadavg()[0]
@@ -443,6 +508,75 @@ def run(output_root: str, seed: int = DEFAULT_SEED, fast: bool = False) -> dict:
     print(results_table(summary))
     print(f"\nsummary: {layout.result('summary.json')}\ncurves:  {layout.result('curves.png')}", flush=True)
     return summary
+
+
+# Numbers of a summary aggregated over seeds (mean, minimum, maximum).
+SEED_METRICS = (
+    "rm_eval_accuracy", "judge_score_sft", "judge_score_ppo", "judge_gain",
+    "colour_accuracy_sft", "colour_accuracy_ppo", "politeness_rate_sft", "politeness_rate_ppo",
+    "greedy_judge_score_sft", "greedy_judge_score_ppo", "reward_sft", "reward_ppo",
+    "kl_to_reference", "well_formed_rate_ppo", "wall_seconds",
+)  # fmt: skip
+
+
+def parse_seeds(text: str) -> List[int]:
+    """"0,1,2" or "0-4" (or a mix) -> distinct seeds in order."""
+    seeds = []
+    for part in text.split(","):
+        part = part.strip()
+        first, dash, last = part.partition("-")
+        if not part or not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"bad --seeds {text!r}: expected comma-separated seeds or ranges such as 0,1,2 or 0-4")
+        seeds.extend(range(int(first), int(last) + 1) if dash else [int(first)])
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r} names a seed twice")
+    return seeds
+
+
+def aggregate_seeds(summaries: Sequence[dict]) -> dict:
+    """Mean, minimum and maximum of each SEED_METRICS number, and every target per seed."""
+    aggregated = {"seeds": [summary["seed"] for summary in summaries], "metrics": {}, "targets": {}}
+    for key in SEED_METRICS:
+        values = [summary[key] for summary in summaries]
+        aggregated["metrics"][key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": values}
+    for target in summaries[0]["targets"]:
+        aggregated["targets"][target] = {str(summary["seed"]): summary["targets"][target] for summary in summaries}
+    aggregated["all_targets_met"] = all(all(per_seed.values()) for per_seed in aggregated["targets"].values())
+    return aggregated
+
+
+def seeds_table(aggregated: dict) -> str:
+    seeds = aggregated["seeds"]
+    lines = [f"{'':<28}{'mean':>8}{'min':>8}{'max':>8}   per seed {seeds}", "-" * 100]
+    for key, stats in aggregated["metrics"].items():
+        number = "{:.0f}" if key == "wall_seconds" else "{:+.2f}" if key.startswith("reward") else "{:.3f}"
+        per_seed = " ".join(number.format(value) for value in stats["values"])
+        lines.append(f"{key:<28}" + "".join(f"{number.format(stats[s]):>8}" for s in ("mean", "min", "max")) + f"   {per_seed}")
+    lines.append("-" * 100)
+    for target, per_seed in aggregated["targets"].items():
+        missed = [seed for seed, met in per_seed.items() if not met]
+        lines.append(f"target {target}: " + ("met for every seed" if not missed else f"NOT met for seeds {', '.join(missed)}"))
+    return "\n".join(lines)
+
+
+def run_seeds(output_root: str, seeds: Sequence[int], fast: bool = False) -> dict:
+    """The whole pipeline once per seed, each under ROOT/seed-N, then the aggregate in
+    ROOT/quickstart/seeds.json."""
+    summaries = []
+    for index, seed in enumerate(seeds):
+        print(f"\n{'#' * 100}\n# seed {seed} ({index + 1} of {len(seeds)})\n{'#' * 100}", flush=True)
+        summaries.append(run(os.path.join(output_root, f"seed-{seed}"), seed=seed, fast=fast))
+    aggregated = aggregate_seeds(summaries)
+    path = Layout(output_root).result("seeds.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(aggregated, handle, indent=2)
+        handle.write("\n")
+    os.replace(path + ".tmp", path)
+    print("\n" + "=" * 100 + f"\nRESULTS OVER SEEDS {list(seeds)}\n" + "=" * 100)
+    print(seeds_table(aggregated))
+    print(f"\nper-seed outputs: {shown_path(output_root)}/seed-N/quickstart/\naggregate: {path}", flush=True)
+    return aggregated
 
 
 def env_flag(name: str) -> bool:
@@ -464,14 +598,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the data, the model initialisation, every stage and the evaluation")
     parser.add_argument(
+        "--seeds", default=None, metavar="LIST",
+        help="run the pipeline once per seed (e.g. 0,1,2,3,4 or 0-4), each under ROOT/seed-N, and print each "
+        "number's mean, minimum and maximum (ROOT/quickstart/seeds.json)",
+    )  # fmt: skip
+    parser.add_argument(
         "--fast", action="store_true", default=env_flag("QUICKSTART_FAST"),
         help="a few steps per stage to check the wiring (also QUICKSTART_FAST=1)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    from ppo.runtime import prepare_process
+
+    # Checked once here (a CPU below the floor stops before any stage); the MKL choice is
+    # inherited by every stage's process through the environment.
+    prepare_process()
     try:
         layout = Layout(args.output_root)
     except ValueError as error:
         parser.error(str(error))
+    if args.seeds is not None:
+        try:
+            seeds = parse_seeds(args.seeds)
+        except ValueError as error:
+            parser.error(str(error))
+        return run_seeds(layout.root, seeds, fast=args.fast)
     return run(layout.root, seed=args.seed, fast=args.fast)
 
 
