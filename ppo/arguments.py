@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 from paddlenlp.trainer import TrainingArguments
 
-from ppo.data.modules import import_dataset_modules
-from ppo.data.templates import DEFAULT_TEMPLATE, check_template_arguments
-from ppo.data.truncation import DEFAULT_PROMPT_TRUNCATION, check_max_prompt_length, check_prompt_truncation
+from ppo.data.arguments import ConversationDataArguments
+from ppo.data.truncation import check_max_prompt_length
 from ppo.models.ppo_model_utils import KLEstimator, Reduction
 
 OFFLOAD_TOKENS = ("freeze_model", "optimizer", "train_model")
@@ -39,7 +38,7 @@ class PPOModelArguments:
 
 
 @dataclass
-class PPODataArguments:
+class PPODataArguments(ConversationDataArguments):
     train_datasets: str = field(metadata={"help": "Prompt datasets, e.g. 'PKU-SafeRLHF/train' or 'name:0.5:path'."})
     eval_datasets: Optional[str] = field(default=None, metadata={"help": "Prompt datasets for evaluation."})
     ptx_datasets: Optional[str] = field(
@@ -55,37 +54,9 @@ class PPODataArguments:
                           "then get max_length - max_new_tokens tokens. Default: max_length - the longest prompt of "
                           "the global batch (of the whole eval set in evaluation)."},
     )
-    max_prompt_length: Optional[int] = field(
-        default=None,
-        metadata={"help": "Maximum prompt tokens (also of ptx prompts); longer prompts are shortened or dropped by "
-                          "prompt_truncation. Default: max_length - max_new_tokens, or max_length - 1."},
-    )
-    prompt_truncation: str = field(
-        default=DEFAULT_PROMPT_TRUNCATION,
-        metadata={"help": "Prompts over max_prompt_length: 'left_turns' (drop the oldest turns, then cut tokens from "
-                          "the left), 'left_tokens' (cut tokens from the left) or 'drop'."},
-    )
-    dataset_modules: Optional[List[str]] = field(
-        default=None,
-        metadata={"help": "Module names or .py files imported before the datasets are built, to register custom "
-                          "RawDataset NAMEs (a list or a comma-separated string)."},
-    )
-    prompt_template: str = field(
-        default=DEFAULT_TEMPLATE,
-        metadata={"help": "Conversation layout: 'safe-rlhf' or 'chat' (the tokenizer's chat template); the one "
-                          "the SFT and reward models were trained with. Generation stops at its end-of-turn token."},
-    )
-    system_prompt: Optional[str] = field(
-        default=None, metadata={"help": "System message that opens every conversation (prompt_template 'chat' only)."}
-    )
 
     def __post_init__(self):
-        # First: a custom dataset's module may fail to import, and nothing else should run before that.
-        import_dataset_modules(self.dataset_modules)
-        check_template_arguments(self.prompt_template, self.system_prompt)
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {self.max_length}")
-        check_prompt_truncation(self.prompt_truncation)
+        self.check_conversation_data()
         new = self.max_new_tokens
         if new is not None and (isinstance(new, bool) or not isinstance(new, int) or not 1 <= new < self.max_length):
             raise ValueError(

@@ -5,19 +5,19 @@ the datasets, and the train → save → evaluate sequence that writes PaddleNLP
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 from paddlenlp.trainer import Trainer, TrainingArguments
 from paddlenlp.utils.log import logger
 
-from ppo.data.modules import import_dataset_modules
-from ppo.data.templates import DEFAULT_TEMPLATE, check_template_arguments
-from ppo.data.truncation import DEFAULT_PROMPT_TRUNCATION, check_max_prompt_length, check_prompt_truncation
+from ppo.data.arguments import ConversationDataArguments
+from ppo.data.truncation import check_max_prompt_length
 
 
 @dataclass
-class StageArguments(TrainingArguments):
-    """PaddleNLP's TrainingArguments plus the model and datasets of one stage."""
+class StageArguments(TrainingArguments, ConversationDataArguments):
+    """PaddleNLP's TrainingArguments plus the model and datasets of one stage (and the data keys
+    every stage shares, `ConversationDataArguments`)."""
 
     # Words for error messages, set by each stage.
     MODEL_ROLE = "the model to train"
@@ -34,39 +34,11 @@ class StageArguments(TrainingArguments):
         default=None, metadata={"help": "Datasets to evaluate on; no evaluation when absent."}
     )
     max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + answer; longer is truncated."})
-    prompt_template: str = field(
-        default=DEFAULT_TEMPLATE,
-        metadata={"help": "Conversation layout: 'safe-rlhf' (BEGINNING OF CONVERSATION: USER: ... ASSISTANT:) or "
-                          "'chat' (the tokenizer's own chat template). Use the same one in every stage."},
-    )
-    system_prompt: Optional[str] = field(
-        default=None, metadata={"help": "System message that opens every conversation (prompt_template 'chat' only)."}
-    )
-    max_prompt_length: Optional[int] = field(
-        default=None,
-        metadata={"help": "Maximum prompt tokens; longer prompts are shortened or left out by prompt_truncation. "
-                          "Default: max_length - 1 (room for one answer token)."},
-    )
-    prompt_truncation: str = field(
-        default=DEFAULT_PROMPT_TRUNCATION,
-        metadata={"help": "Prompts over max_prompt_length: 'left_turns' (drop the oldest turns, then cut tokens from "
-                          "the left), 'left_tokens' (cut tokens from the left) or 'drop' (skip the sample)."},
-    )
-    dataset_modules: Optional[List[str]] = field(
-        default=None,
-        metadata={"help": "Module names or .py files imported before the datasets are built, to register custom "
-                          "RawDataset NAMEs (a list or a comma-separated string)."},
-    )
 
     def __post_init__(self):
-        # First: a custom dataset's module may fail to import, and nothing else should run before that.
-        import_dataset_modules(self.dataset_modules)
-        check_template_arguments(self.prompt_template, self.system_prompt)
+        self.check_conversation_data()
         if not self.model_name_or_path:
             raise ValueError(f"model_name_or_path is required: {self.MODEL_ROLE}")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
-        check_prompt_truncation(self.prompt_truncation)
         check_max_prompt_length(
             self.max_prompt_length, self.max_length - 1, f"at most max_length - 1 = {self.max_length - 1} leaves room for an answer"
         )

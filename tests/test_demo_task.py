@@ -110,6 +110,35 @@ def test_generated_answers_follow_the_requested_rules():
 # ---------------------------------------------------------------- generated files
 
 
+def test_minimal_pairs_differ_in_exactly_one_rule():
+    rng = random.Random(3)
+    prompts, _ = task.split_prompts(0)
+    kinds = set()
+    for _ in range(400):
+        prompt = rng.choice(prompts)
+        first, second = task.minimal_pair(rng, prompt)
+        colour_differs = task.is_correct(prompt.text, first) != task.is_correct(prompt.text, second)
+        closing_differs = task.is_polite(first) != task.is_polite(second)
+        assert colour_differs != closing_differs, (first, second)  # one rule, never both or neither
+        assert task.judge(prompt.text, first) != task.judge(prompt.text, second)
+        words_first, words_second = first.split(), second.split()
+        if colour_differs:  # the same words but the colour (and its article)
+            assert len(words_first) == len(words_second)
+            assert sum(a != b for a, b in zip(words_first, words_second)) <= 2
+        else:  # the same answer sentence, then another closing
+            assert first.split(".")[0] == second.split(".")[0]
+        kinds.add("colour" if colour_differs else "closing")
+        assert task.is_well_formed(first) and task.is_well_formed(second)
+    assert kinds == {"colour", "closing"}
+
+
+def test_preference_rows_mix_minimal_and_independent_pairs():
+    rows = task.preference_rows(random.Random(0), task.split_prompts(0)[0], 1000)
+    same_wording = sum(row["response_0"].split(".")[0].split()[:2] == row["response_1"].split(".")[0].split()[:2] for row in rows)
+    # About MINIMAL_PAIR_SHARE of the pairs share their wording (independent draws rarely do).
+    assert task.MINIMAL_PAIR_SHARE * 1000 * 0.9 < same_wording < task.MINIMAL_PAIR_SHARE * 1000 + 300
+
+
 def test_files_are_deterministic_per_seed(data_dir, tmp_path):
     again, other_seed = tmp_path / "again", tmp_path / "seed1"
     make_data(str(again), seed=0, sizes=SMALL_SIZES)

@@ -94,6 +94,8 @@ class AnswerStyle:
 SFT_STYLE = AnswerStyle(correct_probability=0.5, closing_probabilities={"polite": 0.3, "none": 0.4, "rude": 0.3})
 # Preference candidates are balanced so that both rules decide many pairs on their own.
 PREFERENCE_STYLE = AnswerStyle(correct_probability=0.5, closing_probabilities={"polite": 0.5, "none": 0.25, "rude": 0.25})
+# Share of preference pairs that differ in one rule only (`minimal_pair`).
+MINIMAL_PAIR_SHARE = 0.5
 
 
 def _fill(template: str, colour: str, thing: str) -> str:
@@ -206,17 +208,25 @@ def split_prompts(seed: int, test_pair_fraction: float = 0.125) -> tuple[list[De
 # ---------------------------------------------------------------- responses
 
 
+def _closing(rng: random.Random, closing_kind: str) -> str:
+    if closing_kind not in CLOSING_KINDS:
+        raise ValueError(f"unknown closing kind {closing_kind!r}; valid kinds: {list(CLOSING_KINDS)}")
+    if closing_kind == "polite":
+        return " " + rng.choice(POLITE_CLOSINGS)
+    return " " + rng.choice(RUDE_CLOSINGS) if closing_kind == "rude" else ""
+
+
+def _wrong_colour(rng: random.Random, prompt: DemoPrompt) -> str:
+    return rng.choice([c for c in COLOURS if c != prompt.colour])
+
+
 def make_response(rng: random.Random, prompt: DemoPrompt, correct: bool, closing_kind: str) -> str:
     """An answer to `prompt` with the asked-for colour (or a wrong one) and the given closing."""
     if closing_kind not in CLOSING_KINDS:
         raise ValueError(f"unknown closing kind {closing_kind!r}; valid kinds: {list(CLOSING_KINDS)}")
-    colour = prompt.colour if correct else rng.choice([c for c in COLOURS if c != prompt.colour])
+    colour = prompt.colour if correct else _wrong_colour(rng, prompt)
     answer = rng.choice(OPENERS) + _fill(rng.choice(ANSWER_TEMPLATES), colour, prompt.thing)
-    if closing_kind == "polite":
-        answer += " " + rng.choice(POLITE_CLOSINGS)
-    elif closing_kind == "rude":
-        answer += " " + rng.choice(RUDE_CLOSINGS)
-    return answer
+    return answer + _closing(rng, closing_kind)
 
 
 def sample_response(rng: random.Random, prompt: DemoPrompt, style: AnswerStyle) -> str:
@@ -232,8 +242,33 @@ def best_response(rng: random.Random, prompt: DemoPrompt) -> str:
     return make_response(rng, prompt, correct=True, closing_kind="polite")
 
 
+def minimal_pair(rng: random.Random, prompt: DemoPrompt) -> tuple[str, str]:
+    """Two answers identical but for one rule: the colour (right vs wrong, same closing) or the
+    closing (polite vs none/rude, same colour). Either may come first.
+
+    A pair drawn independently usually differs in wording and in both rules at once, and the
+    closing at the end is the easier cue to pick up. Minimal pairs make each rule the only
+    difference, so a small reward model cannot reach low loss without learning the colour rule:
+    without them it sometimes plateaus at ~0.8 held-out accuracy having learnt only the closings.
+    """
+    opener, template = rng.choice(OPENERS), rng.choice(ANSWER_TEMPLATES)
+    if rng.random() < 0.5:
+        closing = _closing(rng, rng.choice(CLOSING_KINDS))
+        colours = (prompt.colour, _wrong_colour(rng, prompt))
+        pair = [opener + _fill(template, colour, prompt.thing) + closing for colour in colours]
+    else:
+        colour = prompt.colour if rng.random() < 0.5 else _wrong_colour(rng, prompt)
+        body = opener + _fill(template, colour, prompt.thing)
+        pair = [body + _closing(rng, "polite"), body + _closing(rng, rng.choice(("none", "rude")))]
+    rng.shuffle(pair)
+    return pair[0], pair[1]
+
+
 def sample_preference_pair(rng: random.Random, prompt: DemoPrompt, style: AnswerStyle = PREFERENCE_STYLE) -> tuple[str, str]:
-    """Two answers to `prompt` that the judge scores differently (either may be the better)."""
+    """Two answers to `prompt` that the judge scores differently (either may be the better):
+    with probability MINIMAL_PAIR_SHARE a `minimal_pair`, else two independent draws of `style`."""
+    if rng.random() < MINIMAL_PAIR_SHARE:
+        return minimal_pair(rng, prompt)
     for _ in range(1000):
         first, second = sample_response(rng, prompt, style), sample_response(rng, prompt, style)
         if judge(prompt.text, first) != judge(prompt.text, second):
