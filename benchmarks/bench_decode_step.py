@@ -9,7 +9,7 @@ the machine matters less): what `ppo/models/infer_model_utils.py` was chosen fro
   weight_matmuls     the step's weight matmuls alone (the floor of any decoder built from them)
 
 Each variant's logits are checked against the eager step. Prints one line of JSON (last line).
-Usage: python benchmarks/bench_decode_step.py [--shapes default|large] [--steps 200] [--mkl-avx2]
+Usage: python benchmarks/bench_decode_step.py [--shapes default|large|smollm2] [--steps 200] [--mkl-avx2]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchutil import setup_process  # noqa: E402
-from bench_generate import SHAPES  # noqa: E402
+from shapes import SHAPES, build_causal_lm  # noqa: E402
 
 
 def per_call_ms(fn, calls: int, rounds: int = 5) -> float:
@@ -59,10 +59,9 @@ def main(argv=None):
         rms_norm,
     )
     from ppo.models.ppo_model_utils import make_position_ids
-    from ppo.tiny import build_tiny_causal_lm
 
     shapes = SHAPES[args.shapes]
-    model = build_tiny_causal_lm("llama", seed=0, max_position_embeddings=args.prompt_len + 64, **shapes)
+    model = build_causal_lm(shapes, args.prompt_len + 64, seed=0)
     model.eval()
     batch, prompt_len = args.batch, args.prompt_len
     paddle.seed(0)
@@ -114,7 +113,8 @@ def main(argv=None):
                 hidden = hidden + paddle.matmul(F.swiglu(paddle.matmul(normed, gate_up_w)), down_w)
                 new_keys.append(key)
                 new_values.append(value)
-            return paddle.matmul(rms_norm(hidden, final_norm, weights.rms_norm_eps), lm_head), new_keys, new_values
+            normed = rms_norm(hidden, final_norm, weights.rms_norm_eps)
+            return paddle.matmul(normed, lm_head, transpose_y=weights.lm_head_transposed), new_keys, new_values
 
         compiled = paddle.jit.to_static(pure_step, full_graph=True)
         flat = []
@@ -155,7 +155,7 @@ def main(argv=None):
                 for weight in (query_key, value, o_proj, gate_up):
                     paddle.matmul(hidden_in, weight)
                 paddle.matmul(intermediate_in, down)
-            paddle.matmul(hidden_in, weights.lm_head)
+            paddle.matmul(hidden_in, weights.lm_head, transpose_y=weights.lm_head_transposed)
 
         def max_diff(other):
             return float((other.astype("float32") - reference_logits).abs().max())

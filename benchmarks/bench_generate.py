@@ -2,8 +2,9 @@
 compute floor, on a randomly initialised Llama.
 
 Default shapes are the TRL peer's (../shared/peer/trl): hidden 256, 4 layers, 4 heads,
-intermediate 512, vocab 1000; 8 prompts x 32 tokens; 64 new tokens, every row exactly 64 (the EOS
-id is set outside the vocabulary, so no row stops early); sampling at temperature 1, top_p 1;
+intermediate 512, vocab 1000; `--shapes smollm2` is the SmolLM2-135M-Instruct architecture
+(benchmarks/shapes.py). 8 prompts x 32 random token ids; 64 new tokens, every row exactly 64 (the
+EOS id is set outside the vocabulary, so no row stops early); sampling at temperature 1, top_p 1;
 fp32; 1 thread; OMP_WAIT_POLICY=PASSIVE.
 
 Compute floor: the wall time of the decode-step weight matmuls alone — per layer [B, hidden] x
@@ -12,7 +13,7 @@ process — for all new tokens. It leaves out attention, norms, sampling and the
 decoder built from these matmuls can beat it.
 
 Prints progress lines, then one line of JSON (the last line). Usage, from anywhere:
-    python benchmarks/bench_generate.py [--shapes default|large] [--reps 10] [--mkl-avx2] [--json out.json]
+    python benchmarks/bench_generate.py [--shapes default|large|smollm2] [--reps 10] [--mkl-avx2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,12 +23,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchutil import PEER_HF_GENERATE_TOKENS_PER_SECOND, emit_result, peak_rss_mib, setup_process, time_repeats  # noqa: E402
-
-SHAPES = {
-    "default": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, vocab_size=1000),
-    "large": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, intermediate_size=2816, vocab_size=1000),
-}
+from benchutil import PEER_REFERENCE, describe_mkl, emit_result, peak_rss_mib, setup_process, time_repeats  # noqa: E402
+from shapes import SHAPES, build_causal_lm  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -49,18 +46,19 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     environment = setup_process(args.threads, args.mkl_avx2)
+    print(describe_mkl(environment), flush=True)
 
     import paddle
 
     from ppo.infer_utils import RolloutEngine, generate_with_paddlenlp, GenerationSettings
     from ppo.models.infer_model_utils import collect_decoder_weights
-    from ppo.tiny import build_tiny_causal_lm
 
     shapes = SHAPES[args.shapes]
-    model = build_tiny_causal_lm("llama", seed=args.seed, max_position_embeddings=args.prompt_len + args.new_tokens, **shapes)
+    model = build_causal_lm(shapes, args.prompt_len + args.new_tokens, seed=args.seed)
     model.eval()
     vocab = shapes["vocab_size"]
     paddle.seed(args.seed)
+    # Random ids anywhere in the model's vocabulary above the special ids (nothing decodes them).
     input_ids = paddle.randint(4, vocab, [args.batch, args.prompt_len], dtype="int64")
     attention_mask = paddle.ones([args.batch, args.prompt_len], dtype="int64")
     unreachable_eos, pad = vocab, 0  # no row can stop early
@@ -92,7 +90,7 @@ def main(argv=None):
                 paddle.matmul(hidden_in, o_proj)
                 paddle.matmul(hidden_in, gate_up)
                 paddle.matmul(intermediate_in, down)
-            paddle.matmul(hidden_in, weights.lm_head)
+            paddle.matmul(hidden_in, weights.lm_head, transpose_y=weights.lm_head_transposed)
 
     # Greedy decoding must agree before speed means anything.
     greedy = dict(max_new_tokens=args.new_tokens, do_sample=False)
@@ -118,8 +116,10 @@ def main(argv=None):
 
     tokens_per_second = {name: round(t["tokens_per_second"], 1) for name, t in timings.items() if name != "compute_floor"}
     engine_tps = timings["engine"]["tokens_per_second"]
-    ratios = {"engine_vs_hf_generate_peer": round(engine_tps / PEER_HF_GENERATE_TOKENS_PER_SECOND, 2),
-              "engine_vs_compute_floor": round(engine_tps / timings["compute_floor"]["tokens_per_second"], 2)}
+    peer_tps = PEER_REFERENCE.get(args.shapes, {}).get("hf_generate_tokens_per_second")
+    ratios = {"engine_vs_compute_floor": round(engine_tps / timings["compute_floor"]["tokens_per_second"], 2)}
+    if peer_tps:
+        ratios["engine_vs_hf_generate_peer"] = round(engine_tps / peer_tps, 2)
     if "paddlenlp_generate" in timings:
         ratios["engine_vs_paddlenlp_generate"] = round(engine_tps / timings["paddlenlp_generate"]["tokens_per_second"], 2)
     result = {
@@ -127,7 +127,7 @@ def main(argv=None):
         "tokens_per_second": tokens_per_second,
         "compute_floor_tokens_per_second": round(timings["compute_floor"]["tokens_per_second"], 1),
         "ratios": ratios,
-        "hf_generate_peer_tokens_per_second": PEER_HF_GENERATE_TOKENS_PER_SECOND,
+        "hf_generate_peer_tokens_per_second": peer_tps,
         "engine_backend": engine.backend,
         "greedy_tokens_match_paddlenlp": greedy_match,
         "timings": {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in t.items()} for name, t in timings.items()},

@@ -1,24 +1,31 @@
 """PPO step throughput of `ppo.ppo_trainer.PPOTrainer` with the TRL peer's shapes and settings.
 
-Per step: 8 prompts x 32 tokens, 64 sampled new tokens per prompt (temperature 1, top_p 1, no stop
-token: every response is exactly 64 tokens), scoring by the actor, the reference, the reward model
-and the critic, then 1 PPO update over 1 micro-batch of 8 (actor and critic forward/backward +
-AdamW step). Policy/reference: Llama hidden 256, 4 layers, 4 heads, intermediate 512, vocab 1000;
-reward/critic: the same backbone with a 1-output score head. fp32, 1 thread,
-OMP_WAIT_POLICY=PASSIVE. The first `--warmup` steps are not counted.
+Per step: 8 prompts x 32 random token ids, 64 sampled new tokens per prompt (temperature 1, top_p
+1, no stop token: every response is exactly 64 tokens), scoring by the actor, the reference, the
+reward model and the critic, then 1 PPO update over 1 micro-batch of 8 (actor and critic
+forward/backward + AdamW step). Policy/reference: Llama hidden 256, 4 layers, 4 heads,
+intermediate 512, vocab 1000 (`--shapes smollm2`: the SmolLM2-135M-Instruct architecture, see
+benchmarks/shapes.py); reward/critic: the same backbone with a 1-output score head. fp32, 1
+thread, OMP_WAIT_POLICY=PASSIVE. The first `--warmup` steps are not counted; the trainer's final
+model save is skipped (it is not part of a step).
 
 Phase times are measured around the trainer's own calls (nothing is re-implemented):
   generation = the rollout engine's generate; scoring = the rest of `make_experience`;
   actor / critic = their `training_step` (forward + backward) plus their optimizer's step.
 
+Floor: the step's matmul FLOPs per phase (benchmarks/flops.py, counted from the shapes) divided by
+the GEMM rate of an fp32 matmul probe run in this process after training; the share of the floor
+is floor / measured time (1.0: every FLOP at the probe's rate).
+
 Prints progress lines, then one line of JSON (the last line). Usage, from anywhere:
-    python benchmarks/bench_ppo.py [--steps 11] [--warmup 1] [--shapes default|large] [--mkl-avx2] [--json out.json]
+    python benchmarks/bench_ppo.py [--steps 11] [--warmup 1] [--shapes default|large|smollm2] [--mkl-avx2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -26,15 +33,9 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchutil import (  # noqa: E402
-    PEER_TRL_PPO_PEAK_RSS_MIB,
-    PEER_TRL_PPO_STEP_SECONDS,
-    Window,
-    emit_result,
-    peak_rss_mib,
-    setup_process,
-)
-from bench_generate import SHAPES  # noqa: E402
+from benchutil import PEER_REFERENCE, Window, describe_mkl, emit_result, gemm_probe, peak_rss_mib, setup_process  # noqa: E402
+from flops import Decoder, by_bench_phase, floor_report, ppo_step_flops  # noqa: E402
+from shapes import SHAPES, build_causal_lm, llama_config  # noqa: E402
 
 PHASES = ("generation", "scoring", "actor", "critic")
 
@@ -102,27 +103,29 @@ class PhaseClock:
 def main(argv=None):
     args = parse_args(argv)
     environment = setup_process(args.threads, args.mkl_avx2)
+    print(describe_mkl(environment), flush=True)
 
     import paddle
-    from paddlenlp.transformers import AutoTokenizer, LlamaConfig
+    from paddlenlp.transformers import AutoTokenizer
 
     from ppo.arguments import PPOTrainingArguments
     from ppo.infer_utils import RolloutEngine
     from ppo.models import AutoModelForScore
     from ppo.ppo_trainer import PPOTrainer
-    from ppo.tiny import build_tiny_causal_lm, build_tokenizer, tiny_config_kwargs
+    from ppo.tiny import build_tokenizer
 
     shapes = SHAPES[args.shapes]
     max_length = args.prompt_len + args.new_tokens
-    model_kwargs = dict(shapes, max_position_embeddings=max_length)
     work_dir = tempfile.mkdtemp(prefix="bench_ppo_")
+    # The tiny tokenizer (512 pieces) serves only for its pad id here: prompts are random ids,
+    # the EOS is replaced below and nothing is decoded, so it works with any model vocabulary.
     build_tokenizer(os.path.join(work_dir, "tokenizer"))
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(work_dir, "tokenizer"), padding_side="left")
 
     # Actor and reference start equal, as do reward model and critic (the peer loads each twice).
-    actor = build_tiny_causal_lm("llama", seed=args.seed, **model_kwargs)
-    reference = build_tiny_causal_lm("llama", seed=args.seed, **model_kwargs)
-    score_config = LlamaConfig(**tiny_config_kwargs(**model_kwargs))
+    actor = build_causal_lm(shapes, max_length, seed=args.seed)
+    reference = build_causal_lm(shapes, max_length, seed=args.seed)
+    score_config = llama_config(shapes, max_length)
     paddle.seed(args.seed + 1)
     reward_model = AutoModelForScore.from_config(score_config, score_type="reward", do_normalize=False)
     critic = AutoModelForScore.from_config(score_config, score_type="critic", do_normalize=False)
@@ -130,6 +133,7 @@ def main(argv=None):
 
     paddle.seed(args.seed)
     vocab = shapes["vocab_size"]
+    # Ids in [4, vocab): any token of the model above the special ids 0-3.
     prompt_ids = paddle.randint(4, vocab, [args.batch * args.steps, args.prompt_len], dtype="int64").numpy().tolist()
     dataset = FixedLengthPrompts(prompt_ids, tokenizer.pad_token_id)
 
@@ -181,17 +185,25 @@ def main(argv=None):
 
         role_trainer.create_optimizer_and_scheduler = create_and_time
 
+    # The trainer saves both models once the loop ends (~1 GB at smollm2 shapes): not part of a
+    # step, so skip it and take the moment it would start as the end of the last step.
+    loop_end = {}
+
+    def skip_final_save():
+        loop_end.update(wall=time.perf_counter(), cpu=time.process_time())
+
+    trainer.save_final_models = skip_final_save
+
     with Window() as window:
         trainer.train()
-        train_end, train_end_cpu = time.perf_counter(), time.process_time()
     rss = peak_rss_mib()
+    shutil.rmtree(work_dir, ignore_errors=True)
 
-    starts = [step["start"] for step in clock.steps] + [train_end]
+    starts = [step["start"] for step in clock.steps] + [loop_end["wall"]]
     step_seconds = [starts[i + 1] - starts[i] for i in range(len(clock.steps))]
-    cpu_starts = [step["cpu_start"] for step in clock.steps] + [train_end_cpu]
+    cpu_starts = [step["cpu_start"] for step in clock.steps] + [loop_end["cpu"]]
     step_cpu_seconds = [cpu_starts[i + 1] - cpu_starts[i] for i in range(len(clock.steps))]
-    # The last step's interval also holds the final model save; count it only if it is all we have.
-    measured = list(range(args.warmup, len(clock.steps) - 1)) or [len(clock.steps) - 1]
+    measured = list(range(args.warmup, len(clock.steps)))
     phases = {}
     for phase in PHASES:
         if phase == "scoring":
@@ -202,6 +214,28 @@ def main(argv=None):
     step_median = statistics.median(step_seconds[i] for i in measured)
     new_tokens = args.batch * args.new_tokens
     generation_tps = new_tokens / phases["generation"]
+
+    # After training, in this process: the same MKL kernels, threads and (shared) machine.
+    passes = ppo_step_flops(Decoder.from_shapes(shapes), args.batch, args.prompt_len, args.new_tokens)
+    probe = gemm_probe()
+    floor = floor_report(passes, probe["gflops_per_second"], phases, step_median)
+    floor_result = {
+        "tflop_per_step": round(sum(passes.values()) / 1e12, 4),
+        "gflop_by_pass": {name: round(flops / 1e9, 2) for name, flops in passes.items()},
+        "gflop_by_phase": {name: round(flops / 1e9, 2) for name, flops in by_bench_phase(passes).items()},
+        "gemm_probe": {key: round(value, 2) if isinstance(value, float) else value for key, value in probe.items()},
+        "floor_seconds": round(floor["floor_seconds"], 4),
+        "floor_seconds_without_actor_scoring_forward": round(floor["floor_seconds_without_optional_passes"], 4),
+        "share_of_floor": round(floor["share_of_floor"], 3),
+        "phase_floor_seconds": {name: round(value, 4) for name, value in floor["phase_floor_seconds"].items()},
+        "phase_share_of_floor": {name: round(value, 3) for name, value in floor["phase_share_of_floor"].items()},
+    }
+    peer = PEER_REFERENCE.get(args.shapes, {})
+    ratios = {}
+    if "trl_ppo_step_seconds" in peer:
+        ratios["step_throughput_vs_trl_peer"] = round(peer["trl_ppo_step_seconds"] / step_median, 2)
+    if "trl_ppo_peak_rss_mib" in peer:
+        ratios["peak_rss_vs_trl_peer"] = round(rss / peer["trl_ppo_peak_rss_mib"], 2)
     result = {
         "bench": "ppo",
         "ppo_step_seconds": round(step_median, 4),
@@ -213,9 +247,9 @@ def main(argv=None):
         "step_seconds_all": [round(s, 4) for s in step_seconds],
         "measured_steps": len(measured),
         "rollout_backend": trainer.engine.backend,
-        "peer_trl": {"ppo_step_seconds": PEER_TRL_PPO_STEP_SECONDS, "peak_rss_mib": PEER_TRL_PPO_PEAK_RSS_MIB},
-        "ratios": {"step_throughput_vs_trl_peer": round(PEER_TRL_PPO_STEP_SECONDS / step_median, 2),
-                   "peak_rss_vs_trl_peer": round(rss / PEER_TRL_PPO_PEAK_RSS_MIB, 2)},
+        "floor": floor_result,
+        "peer_trl": {"ppo_step_seconds": peer.get("trl_ppo_step_seconds"), "peak_rss_mib": peer.get("trl_ppo_peak_rss_mib")},
+        "ratios": ratios,
         "other_processes_cores_avg": round(window.foreign_cores, 2),
         "config": {"shapes": args.shapes, **shapes, "batch": args.batch, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
@@ -224,6 +258,14 @@ def main(argv=None):
     }
     print(f"PPO step median {step_median:.3f} s over {len(measured)} steps -> {new_tokens / step_median:.1f} generated tokens/s "
           f"end to end; phases (s): {phases}; peak RSS {rss:.0f} MiB", flush=True)
+    by_phase = ", ".join(f"{name} {value / 1e3:.3f}" for name, value in floor_result["gflop_by_phase"].items())
+    print(f"step arithmetic {floor_result['tflop_per_step']:.3f} TFLOP ({by_phase}); GEMM probe {probe['shape']} fp32, "
+          f"{args.threads} thread(s): {probe['gflops_per_second']:.1f} GFLOP/s (median {probe['gflops_per_second_median']:.1f}) "
+          f"-> floor {floor['floor_seconds']:.2f} s per step ({floor['floor_seconds_without_optional_passes']:.2f} s without "
+          f"the actor's scoring forward)", flush=True)
+    shares = ", ".join(f"{name} {value:.0%}" for name, value in floor["phase_share_of_floor"].items())
+    print(f"this run reaches {floor['share_of_floor']:.1%} of the floor ({step_median:.2f} s per step); per phase: {shares}; "
+          f"{describe_mkl(environment)}", flush=True)
     emit_result(result, args.json)
 
 

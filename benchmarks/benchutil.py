@@ -13,10 +13,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Reference numbers of the TRL peer (torch 2.13 CPU, transformers, TRL 1.12; same shapes, 1 thread),
-# from ../shared/peer/trl/README.md. compare_trl.sh re-measures them side by side.
-PEER_HF_GENERATE_TOKENS_PER_SECOND = 1913.0
-PEER_TRL_PPO_STEP_SECONDS = 1.11
-PEER_TRL_PPO_PEAK_RSS_MIB = 823.0
+# from ../shared/peer/trl/README.md, per `--shapes`; compare_trl.sh re-measures them side by side.
+# A shape the peer's README has no number for gets no ratio (a toy-shape number would mislead).
+PEER_REFERENCE = {
+    "default": {"hf_generate_tokens_per_second": 1913.0, "trl_ppo_step_seconds": 1.11, "trl_ppo_peak_rss_mib": 823.0},
+    "smollm2": {"trl_ppo_step_seconds": 43.2, "trl_ppo_peak_rss_mib": 8248.0},  # 2026-12-01, AVX2-only AMD EPYC
+}
 
 
 def setup_process(threads: int = 1, mkl_avx2: bool = False) -> dict:
@@ -43,6 +45,39 @@ def setup_process(threads: int = 1, mkl_avx2: bool = False) -> dict:
     environment["cpu"] = prepared["cpu"]
     environment["mkl_set_automatically"] = bool(prepared["set"])
     return environment
+
+
+def gemm_probe(m: int = 512, k: int = 576, n: int = 1536, repeats: int = 8, rounds: int = 3) -> dict:
+    """GFLOP/s of one fp32 `paddle.matmul` [m, k] x [k, n] in this process (so with the MKL kernel
+    choice and thread count the benchmark ran with). The default shape is a SmolLM2 MLP projection
+    over 512 tokens, the size of most training and scoring GEMMs. The best of `rounds` rounds of
+    `repeats` calls is the rate: a floor should be reachable, and a shared machine only ever
+    slows a round down."""
+    import paddle
+
+    a, b = paddle.randn([m, k], dtype="float32"), paddle.randn([k, n], dtype="float32")
+    paddle.matmul(a, b).numpy()  # first call: kernel selection and allocation
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = paddle.matmul(a, b)
+        out.numpy()  # CPU kernels are synchronous; this only keeps the result alive
+        seconds.append((time.perf_counter() - start) / repeats)
+    flops = 2.0 * m * k * n
+    return {
+        "shape": f"[{m},{k}]x[{k},{n}]",
+        "gflops_per_second": flops / min(seconds) / 1e9,
+        "gflops_per_second_median": flops / statistics.median(seconds) / 1e9,
+    }
+
+
+def describe_mkl(environment: dict) -> str:
+    """One line: MKL's CPU type, whether `prepare_process` set it for this CPU (no when it was
+    exported or forced by --mkl-avx2, or the CPU is not AMD), and the CPU."""
+    value = environment.get("MKL_DEBUG_CPU_TYPE")
+    automatic = "yes" if environment.get("mkl_set_automatically") else "no"
+    return f"MKL_DEBUG_CPU_TYPE={value if value is not None else '(unset)'} (set automatically: {automatic}); CPU {environment.get('cpu')}"
 
 
 def peak_rss_mib() -> float:

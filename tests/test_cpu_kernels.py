@@ -230,3 +230,14 @@ def test_ppo_step_and_evaluation_loaders_run_without_fused_kernels(fused_kernels
     logits = load_causal_lm(fused_llama_dir)(input_ids=ids, return_dict=True).logits
     scores = load_reward_model(reward_dir)(input_ids=ids, attention_mask=paddle.ones_like(ids)).end_scores
     assert np.isfinite(logits.numpy()).all() and np.isfinite(scores.numpy()).all()
+
+
+def test_plain_kernels_trace_under_to_static(fused_kernels_raise):
+    """A traced tensor has no place; the kernels then follow the process's device (CPU here)."""
+
+    def block(hidden, weight, gate_up):
+        return rms_norm(hidden, weight, 1e-6).sum() + swiglu(gate_up).sum()
+
+    hidden, weight, gate_up = paddle.randn([2, 8]), paddle.ones([8]), paddle.randn([2, 6])
+    traced = paddle.jit.to_static(block, full_graph=True)
+    np.testing.assert_allclose(traced(hidden, weight, gate_up).numpy(), block(hidden, weight, gate_up).numpy(), rtol=1e-5)

@@ -45,7 +45,10 @@ def runs_on_cpu() -> bool:
 
 
 def _on_gpu(tensor: paddle.Tensor) -> bool:
-    return tensor.place.is_gpu_place()
+    place = tensor.place
+    # Under `paddle.jit.to_static` a traced tensor has no place: the program runs on the
+    # process's device.
+    return not runs_on_cpu() if place is None else place.is_gpu_place()
 
 
 def rms_norm(hidden: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
