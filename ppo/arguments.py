@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from paddlenlp.trainer import TrainingArguments
 
 from ppo.data.arguments import ConversationDataArguments
 from ppo.data.truncation import check_max_prompt_length
+from ppo.models.advantages import AdvantageEstimator, EstimatorSpec, advantage_estimator
 from ppo.models.ppo_model_utils import KLEstimator, Reduction
+from ppo.rewards import load_reward_functions
 
 OFFLOAD_TOKENS = ("freeze_model", "optimizer", "train_model")
 EVAL_MODES = (None, "single", "tensor_parallel")
@@ -26,7 +28,11 @@ class PPOModelArguments:
     actor_model_name_or_path: str = field(
         metadata={"help": "SFT model that initialises the actor and serves as the frozen reference."}
     )
-    reward_model_name_or_path: str = field(metadata={"help": "Trained reward (score) model, kept frozen."})
+    reward_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Trained reward (score) model, kept frozen. Optional when reward_functions score the "
+                          "responses and reward_model_weight is 0."},
+    )
     reward_critic_model_name_or_path: Optional[str] = field(
         default=None,
         metadata={"help": "Initialisation of the critic (value) model; defaults to the reward model."},
@@ -93,6 +99,24 @@ class PPOTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Rollout model under pipeline parallel: None, 'single' or 'tensor_parallel'."},
     )
+    # Algorithm
+    rl_algorithm: str = field(
+        default="ppo",
+        metadata={"help": "ppo (GAE with a critic), grpo, rloo or reinforce_plus_plus (critic-free); see "
+                          "ppo.models.advantages."},
+    )
+    normalize_advantage_std: bool = field(
+        default=True, metadata={"help": "grpo: divide by the group's std; false gives Dr. GRPO (r - mean)."}
+    )
+    kl_loss_coeff: float = field(
+        default=0.0, metadata={"help": "Weight of a k3 KL(actor || reference) loss term (GRPO-style); 0 = none."}
+    )
+    clip_range_ratio_low: Optional[float] = field(
+        default=None, metadata={"help": "Lower ratio clip: ratio >= 1 - this. Default: clip_range_ratio."}
+    )
+    clip_range_ratio_high: Optional[float] = field(
+        default=None, metadata={"help": "Upper ratio clip: ratio <= 1 + this. Default: clip_range_ratio."}
+    )
     # PPO
     update_iters: int = field(default=1, metadata={"help": "Passes over each rollout's experience."})
     kl_coeff: float = field(default=0.02, metadata={"help": "Coefficient of the per-token KL penalty in the reward."})
@@ -107,6 +131,19 @@ class PPOTrainingArguments(TrainingArguments):
         default="token-mean", metadata={"help": "Masked reduction of the actor/critic losses: token-mean or seq-mean-token-mean."}
     )
     ptx_coeff: float = field(default=16.0, metadata={"help": "Weight of the ptx language-model loss."})
+    reward_functions: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Rule-based rewards 'module:function', each called as f(prompt, response, raw_sample) -> "
+                          "float and added to the reward model's score (see ppo.rewards)."},
+    )
+    reward_function_weights: Optional[List[float]] = field(
+        default=None, metadata={"help": "One weight per reward function (default 1.0 each)."}
+    )
+    reward_model_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the reward model's score in the total reward; 0 with reward_functions needs no "
+                          "reward model."},
+    )
     normalize_reward: bool = field(
         default=False, metadata={"help": "Normalise reward scores with the statistics saved in the reward model."}
     )
@@ -137,7 +174,34 @@ class PPOTrainingArguments(TrainingArguments):
         _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         _check(self.update_iters >= 1, "update_iters must be >= 1")
         _check(self.kl_coeff >= 0, "kl_coeff must be >= 0")
-        for name in ("clip_range_score", "clip_range_value", "clip_range_ratio"):
+        _check(self.kl_loss_coeff >= 0, f"kl_loss_coeff must be >= 0, got {self.kl_loss_coeff}")
+        self.estimator  # unknown rl_algorithm: the error lists the valid ones
+        if self.estimator.needs_groups and self.num_return_sequences < 2:
+            raise ValueError(
+                f"rl_algorithm={self.rl_algorithm!r} compares each response with the other responses to the same "
+                f"prompt, so it needs num_return_sequences >= 2 (got {self.num_return_sequences}); with one "
+                "response per prompt every advantage would be 0"
+            )
+        if isinstance(self.reward_functions, str):
+            self.reward_functions = [part.strip() for part in self.reward_functions.split(",") if part.strip()]
+        load_reward_functions(self.reward_functions, self.reward_function_weights)  # fails here on every rank
+        _check(
+            self.reward_model_weight != 0 or bool(self.reward_functions),
+            "reward_model_weight is 0 and no reward_functions are given: nothing would score the responses",
+        )
+        if self.clip_range_ratio_low is None:
+            self.clip_range_ratio_low = self.clip_range_ratio
+        if self.clip_range_ratio_high is None:
+            self.clip_range_ratio_high = self.clip_range_ratio
+        if self.pipeline_parallel_degree > 1:
+            # The Pipe policy's last-stage loss (ppo.models.model_pp) knows only the PPO objective.
+            _check(
+                self.uses_critic and self.kl_loss_coeff == 0 and self.clip_range_ratio_low == self.clip_range_ratio_high,
+                f"pipeline parallel supports rl_algorithm='ppo' with kl_loss_coeff=0 and symmetric clipping only (got "
+                f"rl_algorithm={self.rl_algorithm!r}, kl_loss_coeff={self.kl_loss_coeff}, clip_range_ratio_low/high="
+                f"{self.clip_range_ratio_low}/{self.clip_range_ratio_high})",
+            )
+        for name in ("clip_range_score", "clip_range_value", "clip_range_ratio", "clip_range_ratio_low", "clip_range_ratio_high"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _check(0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "gamma and gae_lambda must lie in [0, 1]")
         _check(self.ptx_coeff >= 0, "ptx_coeff must be >= 0")
@@ -167,6 +231,21 @@ class PPOTrainingArguments(TrainingArguments):
             f"divisible by gradient_accumulation_steps = {self.gradient_accumulation_steps} so that no optimizer step "
             "mixes two rollouts",
         )
+
+    @property
+    def estimator(self) -> EstimatorSpec:
+        """The registered advantage estimator of `rl_algorithm` (what it needs: critic, groups)."""
+        return advantage_estimator(self.rl_algorithm)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.estimator.needs_critic
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the frozen reference model is built: for any KL term (in the reward or as a loss).
+        PPO keeps it even without one, as before, so its logged kl_divergence stays measured."""
+        return self.kl_coeff > 0 or self.kl_loss_coeff > 0 or self.rl_algorithm == AdvantageEstimator.PPO.value
 
     @property
     def offload_targets(self) -> frozenset:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import paddle
 
+from ppo.models.advantages import AdvantageEstimator, advantage_estimator
 from ppo.models.ppo_model_utils import (
     KLEstimator,
     action_mask_from,
-    gae_advantages_and_returns,
     kl_penalized_rewards,
     make_position_ids,
     masked_whiten,
@@ -203,8 +203,8 @@ class Experience:
         attention_mask: paddle.Tensor,  # [B, L] bool or 0/1
         prompt_length: int,
         old_log_probs: paddle.Tensor,  # [B, L-1]
-        reference_log_probs: paddle.Tensor,  # [B, L-1]
-        old_values: paddle.Tensor,  # [B, L-1]
+        reference_log_probs: paddle.Tensor | None,  # [B, L-1]; None: no reference (KL = 0)
+        old_values: paddle.Tensor | None,  # [B, L-1]; None: no critic (stored as zeros)
         reward_scores: paddle.Tensor,  # [B]
         *,
         kl_coeff: float,
@@ -213,15 +213,27 @@ class Experience:
         gae_lambda: float,
         kl_estimator: str | KLEstimator = KLEstimator.K1,
         whiten_advantages: bool = False,
+        rl_algorithm: str | AdvantageEstimator = AdvantageEstimator.PPO,
+        group_size: int = 1,
+        normalize_advantage_std: bool = True,
+        whiten: Callable = masked_whiten,
     ) -> "Experience":
-        """Derive position ids, action mask, KL-penalised rewards and GAE advantages/returns
-        from a scored rollout (see the functions of `ppo.models.ppo_model_utils`).
-
+        """Derive position ids, action mask, KL-penalised rewards and the advantages/returns of
+        `rl_algorithm`'s registered estimator (GAE for ppo, see `ppo.models.advantages`) from a
+        scored rollout. ``group_size``: responses per prompt, prompt-major rows (grpo/rloo);
+        ``whiten``: the batch whitening of estimators that whiten (reinforce_plus_plus).
         With ``whiten_advantages`` the advantages are whitened over the batch's action tokens
         after the returns are computed (returns keep the raw advantages).
         """
+        estimator = advantage_estimator(rl_algorithm)
         attention_mask = _to_bool_mask(attention_mask, "attention_mask")
         action_mask = action_mask_from(attention_mask, prompt_length)
+        if reference_log_probs is None:
+            reference_log_probs = old_log_probs
+        if old_values is None:
+            if estimator.needs_critic:
+                raise ValueError(f"rl_algorithm={rl_algorithm!r} needs the critic's old_values")
+            old_values = paddle.zeros_like(old_log_probs, dtype="float32")
         rewards = kl_penalized_rewards(
             reward_scores.astype("float32"),
             old_log_probs,
@@ -231,9 +243,10 @@ class Experience:
             clip_range_score=clip_range_score,
             kl_estimator=kl_estimator,
         )
-        advantages, returns = gae_advantages_and_returns(
-            old_values, rewards, action_mask, gamma=gamma, gae_lambda=gae_lambda
-        )
+        advantages, returns = estimator.compute(
+            rewards, old_values, action_mask, gamma=gamma, gae_lambda=gae_lambda,
+            group_size=group_size, normalize_std=normalize_advantage_std, whiten=whiten,
+        )  # fmt: skip
         if whiten_advantages:
             advantages = masked_whiten(advantages, action_mask)
         return cls(

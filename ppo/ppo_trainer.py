@@ -2,7 +2,11 @@
 evaluation, checkpoints and exact resume.
 
 Four models: the actor (trained) and the frozen reference both start from the SFT model; the
-frozen reward model and the trained critic start from the reward model. The actor and the critic
+frozen reward model and the trained critic start from the reward model. Which of them exist is the
+algorithm's (`rl_algorithm`, see `ppo.models.advantages`): critic-free estimators (grpo, rloo,
+reinforce_plus_plus) have no critic, no critic trainer and no value checkpoint; without a KL term
+they have no reference either; with `reward_functions` and `reward_model_weight: 0` no reward
+model. The rollout, scoring, update loop, logging and checkpoints are shared. The actor and the critic
 are each driven by their own PaddleNLP `Trainer` (own optimizer, scheduler, AMP scaler and
 distributed wrapping) through its public hooks: `create_optimizer_and_scheduler`,
 `training_step` (which calls our `compute_loss`) and `log`. The loop below is PPO's own: it is
@@ -68,6 +72,7 @@ from ppo.infer_utils import RolloutEngine, RolloutOutput
 from ppo.model_io import load_model_weights, save_model_dir, tokenizers_match
 from ppo.models.ppo_model_utils import action_mask_from, gather_log_probs, make_position_ids, response_lengths
 from ppo.plotting import plot_training_curves
+from ppo.rewards import combine_scores, load_reward_functions, score_responses
 from ppo.tokenizer_io import decode
 from ppo.trainer_utils import (
     EpochSampler,
@@ -154,11 +159,13 @@ class PPOTrainer:
         self._wrapped: Dict[str, object] = {}  # role -> the model as wrapped for training (see `train`)
         self.rollout_copies: Dict[str, RolloutCopy] = {}
         for role, source, copy in (("actor", actor_model, actor_rollout_model), ("critic", critic_model, critic_rollout_model)):
-            if copy is not None:
+            if copy is not None and source is not None:
                 self.rollout_copies[role] = RolloutCopy(copy, weight_refresher(args, role, source, copy, self._wrapped))
         check_rollout_copies(args, self.rollout_copies)
         # Frozen models are never wrapped for data/sharding parallelism: only the two Trainers wrap.
         for frozen in (reference_model, reward_model, *(copy.model for copy in self.rollout_copies.values())):
+            if frozen is None:  # no reference without a KL term (see PPOTrainingArguments.uses_reference)
+                continue
             frozen.eval()
             for parameter in frozen.parameters():
                 parameter.stop_gradient = True
@@ -169,10 +176,21 @@ class PPOTrainer:
         self.template = getattr(train_dataset, "template", None)
         self.stop_token_ids = self.template.stop_token_ids if self.template is not None else (tokenizer.eos_token_id,)
         self.reward_template, self._prompt_turns = self._reward_rendering(train_dataset, eval_dataset)
+        self.reward_functions = load_reward_functions(args.reward_functions, args.reward_function_weights)
+        self._prompt_samples = self._prompts_for_reward_functions(train_dataset, eval_dataset)
+        if reward_model is None and (not self.reward_functions or args.reward_model_weight != 0):
+            raise ValueError(
+                "no reward model: give reward_model_name_or_path, or reward_functions with reward_model_weight 0"
+            )
 
         self.actor_trainer = PolicyTrainer(model=actor_model, args=args, tokenizer=tokenizer, callbacks=callbacks)
-        self.critic_trainer = ValueTrainer(model=critic_model, args=args.critic_arguments(), tokenizer=tokenizer)
-        for trainer in (self.actor_trainer, self.critic_trainer):
+        # Critic-free algorithms (see ppo.models.advantages) have no critic, hence no critic trainer.
+        self.critic_trainer = (
+            ValueTrainer(model=critic_model, args=args.critic_arguments(), tokenizer=tokenizer)
+            if critic_model is not None
+            else None
+        )
+        for trainer in self.trainers.values():
             # We print our own log lines and progress bar; keep only reporting integrations.
             trainer.pop_callback(PrinterCallback)
             trainer.pop_callback(ProgressCallback)
@@ -225,6 +243,17 @@ class PPOTrainer:
                     turns[tuple(item["input_ids"])] = (item["turns"], item.get("system"))
         return template, turns
 
+    def _prompts_for_reward_functions(self, *prompt_datasets):
+        """prompt ids -> (the user turn answered, the raw sample), for the reward functions."""
+        if not self.reward_functions:
+            return {}
+        prompts = {}
+        for dataset in prompt_datasets:
+            for index in range(len(dataset) if dataset is not None else 0):
+                item = dataset[index]
+                prompts[tuple(item["input_ids"])] = (item["turns"][-1], item.get("sample", {}))
+        return prompts
+
     def _resolve_max_steps(self) -> int:
         args = self.args
         if args.max_steps > 0:
@@ -234,6 +263,22 @@ class PPOTrainer:
         if steps < 1:
             raise ValueError("num_train_epochs gives no optimizer step; raise it or set max_steps")
         return steps
+
+    @property
+    def trainers(self) -> Dict[str, object]:
+        """role -> PaddleNLP Trainer of every trained model ("actor", and "critic" when there is one)."""
+        trainers = {"actor": self.actor_trainer}
+        if self.critic_trainer is not None:
+            trainers["critic"] = self.critic_trainer
+        return trainers
+
+    @property
+    def trained_models(self) -> Dict[str, object]:
+        """Output directory name -> trained model: "policy", and "value" when there is a critic."""
+        models = {"policy": self.actor_model}
+        if self.critic_model is not None:
+            models["value"] = self.critic_model
+        return models
 
     @property
     def is_main_process(self) -> bool:
@@ -250,14 +295,15 @@ class PPOTrainer:
         return self.rollout_copies["critic"].model if "critic" in self.rollout_copies else self.critic_model
 
     def _build_offload_manager(self) -> OffloadManager:
-        movers = {
-            "actor_model": layer_movers(self.actor_model),
-            "critic_model": layer_movers(self.critic_model),
-            "reference_model": layer_movers(self.reference_model),
-            "reward_model": layer_movers(self.reward_model),
-            "actor_optimizer": optimizer_movers(self.actor_trainer.optimizer),
-            "critic_optimizer": optimizer_movers(self.critic_trainer.optimizer),
+        models = {
+            "actor_model": self.actor_model,
+            "critic_model": self.critic_model,
+            "reference_model": self.reference_model,
+            "reward_model": self.reward_model,
         }
+        movers = {name: layer_movers(model) for name, model in models.items() if model is not None}
+        for role, trainer in self.trainers.items():
+            movers[f"{role}_optimizer"] = optimizer_movers(trainer.optimizer)
         for role, copy in self.rollout_copies.items():
             movers[f"{role}_rollout_model"] = layer_movers(copy.model)
         args = self.args
@@ -355,7 +401,41 @@ class PPOTrainer:
         input_ids: paddle.Tensor,  # [B, P+T] left-padded prompt, response
         attention_mask: paddle.Tensor,  # [B, P+T]
         prompt_length: Optional[int] = None,  # P; lets a prompt be re-rendered for another tokenizer
+        breakdown: Optional[Dict[str, List[float]]] = None,  # filled with each reward function's scores
     ) -> paddle.Tensor:  # [B]
+        """The reward of whole sequences: the reward model's end score, or with `reward_functions`
+        reward_model_weight x that score + the weighted function scores (see `ppo.rewards`)."""
+        if not self.reward_functions:
+            return self._reward_model_scores(input_ids, attention_mask, prompt_length)
+        args = self.args
+        model_scores = None
+        if self.reward_model is not None and args.reward_model_weight != 0:
+            model_scores = self._reward_model_scores(input_ids, attention_mask, prompt_length).tolist()
+        prompts, responses, samples = self._texts_for_reward_functions(input_ids, attention_mask, prompt_length)
+        scores = score_responses(self.reward_functions, prompts, responses, samples)
+        if breakdown is not None:
+            for name, values in scores.items():
+                breakdown.setdefault(name, []).extend(values)
+        totals = combine_scores(self.reward_functions, scores, model_scores, args.reward_model_weight)
+        return paddle.to_tensor(totals, dtype="float32")
+
+    def _texts_for_reward_functions(self, input_ids, attention_mask, prompt_length: int):
+        prompts, responses, samples = [], [], []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            prompt = tuple(t for t, keep in zip(ids[:prompt_length], mask[:prompt_length]) if keep)
+            if prompt not in self._prompt_samples:
+                raise ValueError("reward_functions need the prompt's raw sample, but a prompt is not one of the prompt datasets'")
+            response = [t for t, keep in zip(ids[prompt_length:], mask[prompt_length:]) if keep]
+            if response and response[-1] in self.stop_token_ids:
+                response = response[:-1]
+            prompt_text, sample = self._prompt_samples[prompt]
+            prompts.append(prompt_text)
+            responses.append(decode(self.tokenizer, response, skip_special_tokens=True))
+            samples.append(sample)
+        return prompts, responses, samples
+
+    @paddle.no_grad()
+    def _reward_model_scores(self, input_ids, attention_mask, prompt_length: Optional[int] = None) -> paddle.Tensor:  # [B]
         """Reward-model end scores of whole sequences, re-tokenised when the RM's vocabulary differs."""
         self._require("reward_model")
         if self.reward_tokenizer is not None:
@@ -414,55 +494,67 @@ class PPOTrainer:
         rollout = self.generate(prompt_batch, args.num_return_sequences, longest_prompt)
         self._enter("score")
         self._require("actor_rollout_model", "reference_model", "critic_rollout_model")
-        self.rollout_critic.eval()
-        chunks = []
+        if self.critic_model is not None:
+            self.rollout_critic.eval()
+        chunks, breakdown = [], {}
         size = args.per_device_train_batch_size
         for start in range(0, rollout.sequences.shape[0], size):
             input_ids = rollout.sequences[start : start + size]
             attention_mask = rollout.attention_mask[start : start + size]
             position_ids = make_position_ids(attention_mask)
-            with self.actor_trainer.autocast_smart_context_manager():
-                values = self.rollout_critic(
-                    input_ids=input_ids, attention_mask=attention_mask.astype("int64"), position_ids=position_ids
-                ).scores[:, :-1, 0]
-            chunks.append(
-                dict(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    old_log_probs=self._token_log_probs(self.rollout_actor, input_ids, attention_mask, position_ids),
-                    reference_log_probs=self._token_log_probs(self.reference_model, input_ids, attention_mask, position_ids),
-                    old_values=values.astype("float32"),
-                    reward_scores=self.reward_scores(input_ids, attention_mask, rollout.prompt_length),
-                )
-            )
+            chunk = dict(input_ids=input_ids, attention_mask=attention_mask)
+            if self.critic_model is not None:
+                with self.actor_trainer.autocast_smart_context_manager():
+                    values = self.rollout_critic(
+                        input_ids=input_ids, attention_mask=attention_mask.astype("int64"), position_ids=position_ids
+                    ).scores[:, :-1, 0]
+            chunk["old_log_probs"] = self._token_log_probs(self.rollout_actor, input_ids, attention_mask, position_ids)
+            if self.reference_model is not None:
+                chunk["reference_log_probs"] = self._token_log_probs(self.reference_model, input_ids, attention_mask, position_ids)
+            if self.critic_model is not None:
+                chunk["old_values"] = values.astype("float32")
+            chunk["reward_scores"] = self.reward_scores(input_ids, attention_mask, rollout.prompt_length, breakdown)
+            chunks.append(chunk)
         batch = {name: paddle.concat([chunk[name] for chunk in chunks], axis=0) for name in chunks[0]}
+        # Rows stay prompt-major ([p0, p0, p1, p1, ...], see RolloutEngine): a prompt's group is
+        # on the rank that rolled it out, so group statistics need no communication.
         experience = Experience.build(
             batch["input_ids"],
             batch["attention_mask"],
             rollout.prompt_length,
             batch["old_log_probs"],
-            batch["reference_log_probs"],
-            batch["old_values"],
+            batch.get("reference_log_probs"),
+            batch.get("old_values"),
             batch["reward_scores"],
             kl_coeff=args.kl_coeff,
             clip_range_score=args.clip_range_score,
             gamma=args.gamma,
             gae_lambda=args.gae_lambda,
             kl_estimator=args.kl_estimator,
+            rl_algorithm=args.rl_algorithm,
+            group_size=args.num_return_sequences,
+            normalize_advantage_std=args.normalize_advantage_std,
+            whiten=global_masked_whiten,
         )
-        if args.whiten_advantages:
+        if args.whiten_advantages and not args.estimator.whitens:
             # Over the action tokens of every replica's rollout, as one process would on the whole batch.
             experience = dataclasses.replace(
                 experience, advantages=global_masked_whiten(experience.advantages, experience.action_mask)
             )
-        self._record_rollout_metrics(experience)
+        self._record_rollout_metrics(experience, breakdown)
         return experience
 
-    def _record_rollout_metrics(self, experience: Experience) -> None:
-        """Metrics of the global rollout (all replicas), identical on every rank."""
-        local = rollout_sums(experience, self.args.kl_estimator)
+    def _record_rollout_metrics(self, experience: Experience, breakdown: Optional[Dict[str, List[float]]] = None) -> None:
+        """Metrics of the global rollout (all replicas), identical on every rank; with reward
+        functions also each one's mean score (train/reward_fn/<name>)."""
+        local = rollout_sums(experience, self.args.kl_estimator, with_critic=self.critic_model is not None)
+        for name, values in (breakdown or {}).items():
+            local[f"reward_fn/{name}"] = float(sum(values))
         names = sorted(local)
-        metrics = rollout_metrics(dict(zip(names, all_reduce_sum([local[name] for name in names]))))
+        sums = dict(zip(names, all_reduce_sum([local[name] for name in names])))
+        metrics = rollout_metrics(sums)
+        for name in breakdown or {}:
+            metrics[f"train/reward_fn/{name}"] = sums[f"reward_fn/{name}"] / max(sums["responses"], 1.0)
         metrics["train/max_generated_length"] = all_reduce_max(float(response_lengths(experience.action_mask).max()))
         self.tracker.add({name: value for name, value in metrics.items() if name != "train/max_generated_length"})
         self.tracker.add_max({"train/max_generated_length": metrics["train/max_generated_length"]})
@@ -476,7 +568,7 @@ class PPOTrainer:
         Returns False (and leaves the weights untouched) when a loss was not finite."""
         self._require("actor_model", "critic_model", "actor_optimizer", "critic_optimizer")
         pipeline = self.args.pipeline_parallel_degree > 1
-        actor_sync, critic_sync = self._gradient_sync["actor"], self._gradient_sync["critic"]
+        actor_sync, critic_sync = self._gradient_sync["actor"], self._gradient_sync.get("critic")
         step_stats = []
         try:
             for index, experience in enumerate(micro_batches):
@@ -487,18 +579,19 @@ class PPOTrainer:
                     actor_loss = self.actor_trainer.training_step(
                         actor_model, {"experience": experience, "stats": stats, "ptx_batch": ptx_batch}
                     )
-                with critic_sync.during(is_last):
-                    critic_loss = self.critic_trainer.training_step(critic_model, {"experience": experience, "stats": stats})
+                if critic_sync is not None:
+                    with critic_sync.during(is_last):
+                        critic_loss = self.critic_trainer.training_step(critic_model, {"experience": experience, "stats": stats})
                 step_stats.append(stats.values)
             if pipeline:
                 # PaddleNLP's pipeline path buffers the micro-batches and runs forward and backward
                 # in the last training_step; our loss hooks never run, so check the losses it returns.
                 step_stats = [pipeline_step_stats(actor_loss, critic_loss)]
-            actor_sync.finish()
-            critic_sync.finish()
+            for sync in self._gradient_sync.values():
+                sync.finish()
         except NonFiniteLossError as error:
-            self.actor_trainer.optimizer.clear_grad()
-            self.critic_trainer.optimizer.clear_grad()
+            for trainer in self.trainers.values():
+                trainer.optimizer.clear_grad()
             self.state.consecutive_nonfinite_steps += 1
             logger.warning(
                 f"skipped an update at step {self.state.global_step + 1}: {error} "
@@ -511,8 +604,8 @@ class PPOTrainer:
                     "or use fp32/bf16 instead of fp16."
                 ) from error
             return False
-        optimizer_step(self.actor_trainer)
-        optimizer_step(self.critic_trainer)
+        for trainer in self.trainers.values():
+            optimizer_step(trainer)
         for copy in self.rollout_copies.values():
             copy.stale = True
         self.state.consecutive_nonfinite_steps = 0
@@ -546,7 +639,8 @@ class PPOTrainer:
             # A log window inside one rollout has no new rollout: report the rollout being trained on.
             logs = {**self.state.latest_rollout_metrics, **self.tracker.pop()}
             logs["train/actor_lr"] = current_learning_rate(self.actor_trainer)
-            logs["train/critic_lr"] = current_learning_rate(self.critic_trainer)
+            if self.critic_trainer is not None:
+                logs["train/critic_lr"] = current_learning_rate(self.critic_trainer)
             self.log(logs)  # already identical on every rank (see _record_rollout_metrics, _update)
             progress.set_postfix(
                 reward=f"{logs.get('train/reward', float('nan')):.3f}",
@@ -568,10 +662,10 @@ class PPOTrainer:
                 "resuming PPO under sharding stage3 is not supported: the saved full weights cannot be written into the "
                 "parameter shards; start a new run from the saved policy/value directories instead"
             )
-        self.actor_trainer.create_optimizer_and_scheduler(num_training_steps=self.max_steps)
-        self.critic_trainer.create_optimizer_and_scheduler(num_training_steps=self.max_steps)
+        for trainer in self.trainers.values():
+            trainer.create_optimizer_and_scheduler(num_training_steps=self.max_steps)
         actor_model = self._wrap_for_training("actor", self.actor_trainer)
-        critic_model = self._wrap_for_training("critic", self.critic_trainer)
+        critic_model = self._wrap_for_training("critic", self.critic_trainer) if self.critic_trainer is not None else None
         self.offload = self._build_offload_manager()
         work = self.load_checkpoint(resume_path) if resume_path else None
         if self.is_main_process:
@@ -695,7 +789,7 @@ class PPOTrainer:
         """output_dir/policy and output_dir/value: plain model directories for PaddleNLP."""
         self._enter("save")
         self._gather_sharded_parameters()
-        for name, model in (("policy", self.actor_model), ("value", self.critic_model)):
+        for name, model in self.trained_models.items():
             save_model_dir(model, self.tokenizer, os.path.join(self.args.output_dir, name), self.args)
 
     def _gather_sharded_parameters(self) -> None:
@@ -718,9 +812,9 @@ class PPOTrainer:
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
         _barrier()
-        save_model_dir(self.actor_model, self.tokenizer, os.path.join(staging, "policy"), args, atomic=False)
-        save_model_dir(self.critic_model, self.tokenizer, os.path.join(staging, "value"), args, atomic=False)
-        for role, trainer in (("actor", self.actor_trainer), ("critic", self.critic_trainer)):
+        for name, model in self.trained_models.items():
+            save_model_dir(model, self.tokenizer, os.path.join(staging, name), args, atomic=False)
+        for role, trainer in self.trainers.items():
             paddle.save(
                 portable_optimizer_state(trainer.optimizer, trainer.model),
                 os.path.join(staging, f"{role}_optimizer.rank{rank}.pdopt"),
@@ -755,9 +849,9 @@ class PPOTrainer:
         rank = self.args.process_index
         with open(os.path.join(path, PPO_STATE_NAME), encoding="utf-8") as f:
             self.state = PPOState.from_json(f.read())
-        load_model_weights(self.actor_model, os.path.join(path, "policy"))
-        load_model_weights(self.critic_model, os.path.join(path, "value"))
-        for role, trainer in (("actor", self.actor_trainer), ("critic", self.critic_trainer)):
+        for name, model in self.trained_models.items():
+            load_model_weights(model, os.path.join(path, name))
+        for role, trainer in self.trainers.items():
             optimizer_file = os.path.join(path, f"{role}_optimizer.rank{rank}.pdopt")
             if not os.path.exists(optimizer_file):
                 raise FileNotFoundError(

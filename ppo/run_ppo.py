@@ -98,46 +98,60 @@ def trained_model_classes(model_type: str, args: PPOTrainingArguments):
 
 @dataclass
 class PPOModels:
+    """The models of a run; None for those the algorithm does not use (no critic for critic-free
+    algorithms, no reference without a KL term, see `PPOTrainingArguments.uses_*`)."""
+
     actor: object
-    reference: object
-    reward: object
-    critic: object
+    reference: Optional[object]
+    reward: Optional[object]
+    critic: Optional[object]
     actor_rollout: Optional[object] = None
     critic_rollout: Optional[object] = None
 
 
 def build_models(model_args: PPOModelArguments, args: PPOTrainingArguments) -> PPOModels:
-    """The four PPO models (+ rollout copies, see `rollout_copy_mode`). The frozen reference and
-    reward models are always plain models (tensor parallel when training is)."""
+    """The models the algorithm uses (+ rollout copies, see `rollout_copy_mode`): the actor; the
+    critic only for algorithms that need one; the frozen reference only with a KL term; the frozen
+    reward model only when it is given. Reference and reward models are always plain models
+    (tensor parallel when training is)."""
     check_pipeline_ppo_arguments(args)
     actor_path, critic_path = model_args.actor_model_name_or_path, model_args.reward_critic_model_name_or_path
     actor_config = model_config(actor_path, args, recompute=args.recompute)
-    critic_config = model_config(critic_path, args, recompute=args.critic_recompute)
     policy_class, _ = trained_model_classes(actor_config.model_type, args)
-    _, value_class = trained_model_classes(critic_config.model_type, args)
-    score_kwargs = dict(score_type="critic", do_normalize=False)
     if args.pipeline_parallel_degree > 1:
         actor = policy_class.from_pretrained(actor_path, config=actor_config, loss_config=PolicyLossConfig.from_args(args))
-        critic = value_class.from_pretrained(
-            critic_path, config=critic_config, loss_config=ValueLossConfig.from_args(args), **score_kwargs
-        )
     else:
         actor = policy_class.from_pretrained(actor_path, config=actor_config)
-        critic = value_class.from_pretrained(critic_path, config=critic_config, **score_kwargs)
-    reference = AutoModelForCausalLM.from_pretrained(actor_path, config=model_config(actor_path, args))
-    reward_path = model_args.reward_model_name_or_path
-    reward = AutoModelForScore.from_pretrained(
-        reward_path, config=model_config(reward_path, args), score_type="reward", do_normalize=args.normalize_reward
+    critic = None
+    if args.uses_critic:
+        critic_config = model_config(critic_path, args, recompute=args.critic_recompute)
+        _, value_class = trained_model_classes(critic_config.model_type, args)
+        score_kwargs = dict(score_type="critic", do_normalize=False)
+        if args.pipeline_parallel_degree > 1:
+            critic = value_class.from_pretrained(
+                critic_path, config=critic_config, loss_config=ValueLossConfig.from_args(args), **score_kwargs
+            )
+        else:
+            critic = value_class.from_pretrained(critic_path, config=critic_config, **score_kwargs)
+    reference = (
+        AutoModelForCausalLM.from_pretrained(actor_path, config=model_config(actor_path, args)) if args.uses_reference else None
     )
+    reward_path = model_args.reward_model_name_or_path
+    reward = None
+    if reward_path is not None and args.reward_model_weight != 0:  # weight 0: the reward functions alone score
+        reward = AutoModelForScore.from_pretrained(
+            reward_path, config=model_config(reward_path, args), score_type="reward", do_normalize=args.normalize_reward
+        )
     models = PPOModels(actor, reference, reward, critic)
 
     mode = rollout_copy_mode(args)
     if mode == "pipeline":
         # Built with random weights; the trainer syncs them from the stages before the first rollout.
         models.actor_rollout = _empty_model(causal_lm_class_for(actor.config.model_type), eval_model_config(actor.config, args.eval_mode))
-        models.critic_rollout = _empty_model(
-            AutoModelForScore.model_class_for(critic.config.model_type), eval_model_config(critic.config, args.eval_mode)
-        )
+        if critic is not None:
+            models.critic_rollout = _empty_model(
+                AutoModelForScore.model_class_for(critic.config.model_type), eval_model_config(critic.config, args.eval_mode)
+            )
     elif mode == "gathered":
         models.actor_rollout = _empty_model(type(actor), copy.deepcopy(actor.config))
     return models
@@ -150,13 +164,20 @@ def _empty_model(model_class, config):
 def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, training_args: PPOTrainingArguments):
     paddle.seed(training_args.seed)
     # Hugging Face directories and GGUF files → cached Paddle directories (every rank may call this).
-    model_args = resolve_model_fields(
-        model_args, "actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path"
-    )
+    model_fields = ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path")
+    model_args = resolve_model_fields(model_args, *(name for name in model_fields if getattr(model_args, name) is not None))
     tokenizer = load_tokenizer(model_args.actor_model_name_or_path)
-    require_score_model(model_args.reward_model_name_or_path, "reward_model_name_or_path")
-    reward_tokenizer = load_tokenizer(model_args.reward_model_name_or_path)
-    critic_tokenizer = load_tokenizer(model_args.reward_critic_model_name_or_path)
+    if training_args.uses_critic and model_args.reward_critic_model_name_or_path is None:
+        raise ValueError(
+            f"rl_algorithm={training_args.rl_algorithm!r} trains a critic, initialised from "
+            "reward_critic_model_name_or_path or the reward model; set one of them (or use a critic-free algorithm: "
+            "grpo, rloo, reinforce_plus_plus)"
+        )
+    reward_tokenizer = None
+    if model_args.reward_model_name_or_path is not None and training_args.reward_model_weight != 0:
+        require_score_model(model_args.reward_model_name_or_path, "reward_model_name_or_path")
+        reward_tokenizer = load_tokenizer(model_args.reward_model_name_or_path)
+    critic_tokenizer = load_tokenizer(model_args.reward_critic_model_name_or_path) if training_args.uses_critic else tokenizer
     if not tokenizers_match(tokenizer, critic_tokenizer):
         raise ValueError(
             f"the critic ({model_args.reward_critic_model_name_or_path}) must share the actor's tokenizer because it "

@@ -27,6 +27,7 @@ from ppo.models.ppo_model_utils import (
     entropy_from_logits,
     gather_log_probs,
     kl_divergence_per_token,
+    masked_mean,
     response_lengths,
     supervised_lm_loss,
 )
@@ -73,16 +74,26 @@ class PolicyTrainer(Trainer):
             experience.old_log_probs,
             experience.advantages,
             mask,
-            args.clip_range_ratio,
+            args.clip_range_ratio_low,
             reduction=args.loss_reduction,
+            clip_range_ratio_high=args.clip_range_ratio_high,
         )
         with paddle.no_grad():
             stats.values["actor_loss"] = float(loss)
             stats.values["approx_kl"] = float(approx_kl(log_probs, experience.old_log_probs, mask))
             stats.values["clipfrac"] = float(
-                clip_fraction(log_probs, experience.old_log_probs, mask, args.clip_range_ratio)
+                clip_fraction(
+                    log_probs, experience.old_log_probs, mask, args.clip_range_ratio_low, args.clip_range_ratio_high
+                )
             )
             stats.values["entropy"] = float(entropy_from_logits(logits, mask))
+        if args.kl_loss_coeff > 0:
+            # GRPO-style: KL(π || π_ref) as a loss term (k3, unbiased and ≥ 0) instead of in the reward.
+            kl_loss = masked_mean(
+                kl_divergence_per_token(log_probs, experience.reference_log_probs, "k3"), mask, args.loss_reduction
+            )
+            stats.values["kl_loss"] = float(kl_loss)
+            loss = loss + args.kl_loss_coeff * kl_loss
         ptx_batch = inputs.get("ptx_batch")
         if ptx_batch is not None:
             ptx_logits = logits_of(
@@ -254,9 +265,10 @@ class MetricTracker:
 # Rollout statistics: sums that add up across ranks, and the metrics they give
 
 
-def rollout_sums(experience: Experience, kl_estimator: str) -> Dict[str, float]:
+def rollout_sums(experience: Experience, kl_estimator: str, with_critic: bool = True) -> Dict[str, float]:
     """Additive statistics of one rollout: summed over every rank they are exactly the statistics
-    of the union of the ranks' rollouts (float64 sums of per-token float32 values)."""
+    of the union of the ranks' rollouts (float64 sums of per-token float32 values). Without a
+    critic there are no values, returns or residuals."""
     mask = experience.action_mask
     valid = mask.numpy().astype(bool)
 
@@ -264,21 +276,26 @@ def rollout_sums(experience: Experience, kl_estimator: str) -> Dict[str, float]:
         return x.astype("float32").numpy().astype(np.float64)[valid]
 
     kl = kl_divergence_per_token(experience.old_log_probs, experience.reference_log_probs, kl_estimator)
-    values, returns = token_values(experience.old_values), token_values(experience.returns)
-    residual = returns - values
-    return {
+    sums = {
         "responses": float(experience.batch_size),
         "tokens": float(valid.sum()),
         "reward": float(experience.reward_scores.astype("float64").sum()),
         "reward_with_kl_penalty": float(token_values(experience.rewards).sum()),
         "kl": float(token_values(kl).sum()),
         "length": float(response_lengths(mask).astype("float64").sum()),
-        "values": float(values.sum()),
-        "returns": float(returns.sum()),
-        "returns_squared": float(np.square(returns).sum()),
-        "residual": float(residual.sum()),
-        "residual_squared": float(np.square(residual).sum()),
     }
+    if not with_critic:
+        return sums
+    values, returns = token_values(experience.old_values), token_values(experience.returns)
+    residual = returns - values
+    sums.update(
+        values=float(values.sum()),
+        returns=float(returns.sum()),
+        returns_squared=float(np.square(returns).sum()),
+        residual=float(residual.sum()),
+        residual_squared=float(np.square(residual).sum()),
+    )
+    return sums
 
 
 def rollout_metrics(sums: Dict[str, float]) -> Dict[str, float]:
@@ -287,6 +304,14 @@ def rollout_metrics(sums: Dict[str, float]) -> Dict[str, float]:
     token means of values and returns; explained variance 1 - Var[R - V] / Var[R] over tokens
     (0 when Var[R] = 0)."""
     responses, tokens = max(sums["responses"], 1.0), max(sums["tokens"], 1.0)
+    metrics = {
+        "train/reward": sums["reward"] / responses,
+        "train/reward_with_kl_penalty": sums["reward_with_kl_penalty"] / responses,
+        "train/kl_divergence": sums["kl"] / responses,
+        "train/mean_generated_length": sums["length"] / responses,
+    }
+    if "values" not in sums:  # critic-free: no value diagnostics
+        return metrics
 
     def variance(total: float, squares: float) -> float:
         return max(squares / tokens - (total / tokens) ** 2, 0.0)
@@ -294,10 +319,7 @@ def rollout_metrics(sums: Dict[str, float]) -> Dict[str, float]:
     returns_variance = variance(sums["returns"], sums["returns_squared"])
     residual_variance = variance(sums["residual"], sums["residual_squared"])
     return {
-        "train/reward": sums["reward"] / responses,
-        "train/reward_with_kl_penalty": sums["reward_with_kl_penalty"] / responses,
-        "train/kl_divergence": sums["kl"] / responses,
-        "train/mean_generated_length": sums["length"] / responses,
+        **metrics,
         "train/values": sums["values"] / tokens,
         "train/returns": sums["returns"] / tokens,
         "train/explained_variance": 1.0 - residual_variance / returns_variance if returns_variance > 0 else 0.0,

@@ -15,6 +15,7 @@ class PromptOnlySample(TypedDict):
     input_ids: list[int]  # [L]  the prompt, ending where the template opens the answer
     turns: list[str]  # the user/assistant turns (as shortened to fit), to re-render the prompt for another tokenizer
     system: Optional[str]  # the row's own system message, if the template shows it
+    sample: RawSample  # the raw row, for rule-based reward functions (ppo.rewards)
 
 
 class PromptOnlyBatch(TypedDict):
@@ -74,7 +75,7 @@ class PromptOnlyDataset(TokenizedDataset):
                 too_long.add(fitted.reason, ref)
                 continue
             self._record_notes(ref)
-            self.items.append(PromptOnlySample(input_ids=fitted.input_ids, turns=fitted.turns, system=system))
+            self.items.append(PromptOnlySample(input_ids=fitted.input_ids, turns=fitted.turns, system=system, sample=sample))
             self.sources.append(ref)
         self._report_skipped(too_long, total - self.num_duplicates, verb="dropped")
 

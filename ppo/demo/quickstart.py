@@ -62,6 +62,29 @@ FAST_OVERRIDES = {
             "eval_datasets": "PKU-SafeRLHF/test:0.15:{data}/prompts/test.jsonl"},
     "evaluate": {"max-prompts": "8", "samples-per-prompt": "2"},
 }  # fmt: skip
+# `--algorithm` / `--reward`: flags added to the PPO stage only (none for the default ppo + reward model).
+# Critic-free algorithms sample 4 responses for each of 8 prompts: the same 32 responses per rollout
+# as PPO's 32 prompts x 1, and a group to compare each response with; the group advantages are
+# not whitened again over the batch.
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_plus_plus")
+GROUP_OVERRIDES = {"num_return_sequences": "4", "per_device_prompt_batch_size": "8", "whiten_advantages": "false"}
+REWARDS = {
+    "model": {},
+    "judge": {"reward_functions": "ppo.demo.task:judge_reward", "reward_model_weight": "0"},
+    "both": {"reward_functions": "ppo.demo.task:judge_reward"},
+}
+
+
+def ppo_stage_overrides(algorithm: str = "ppo", reward: str = "model") -> Dict[str, str]:
+    """Flags that select the RL algorithm and the reward source of the PPO stage."""
+    if algorithm not in ALGORITHMS or reward not in REWARDS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS} and reward one of {tuple(REWARDS)}")
+    overrides = {} if algorithm == "ppo" else {"rl_algorithm": algorithm}
+    if algorithm in ("grpo", "rloo"):
+        overrides.update(GROUP_OVERRIDES)
+    return {**overrides, **REWARDS[reward]}
+
+
 # 96 held-out prompts x 8 samples = 768 answers per policy: the standard error of a judge score
 # is then about 0.015 (answers to one prompt are correlated, so more prompts would help more).
 EVALUATION_SAMPLES_PER_PROMPT = 8
@@ -149,14 +172,17 @@ def as_flags(values: Dict[str, str]) -> List[str]:
     return [part for key, value in values.items() for part in (f"--{key}", value)]
 
 
-def build_stages(layout: Layout, seed: int, fast: bool) -> List[Stage]:
+def build_stages(layout: Layout, seed: int, fast: bool, algorithm: str = "ppo", reward: str = "model") -> List[Stage]:
     python = [sys.executable, "-u"]
+    rl_overrides = ppo_stage_overrides(algorithm, reward)
 
     def fast_overrides(name):
         return {key: value.format(data=layout.data) for key, value in FAST_OVERRIDES[name].items()} if fast else {}
 
     def entry_point(name, script, config_name):
         overrides = {**config_overrides(load_config(config_name), layout, seed), **fast_overrides(name)}
+        if name == "ppo":
+            overrides.update(rl_overrides)
         return python + [script, os.path.join(CONFIG_DIR, config_name)] + as_flags(overrides)
 
     evaluate_options = {
@@ -471,13 +497,13 @@ def write_curves(layout: Layout, seed: int) -> str:
 # Entry point
 
 
-def run(output_root: str, seed: int = DEFAULT_SEED, fast: bool = False) -> dict:
+def run(output_root: str, seed: int = DEFAULT_SEED, fast: bool = False, algorithm: str = "ppo", reward: str = "model") -> dict:
     layout = Layout(output_root)
     os.makedirs(os.path.join(layout.quickstart, "logs"), exist_ok=True)
     for stale in ("summary.json", "curves.png", "evaluation.json", "generations.jsonl"):
         if os.path.exists(layout.result(stale)):
             os.remove(layout.result(stale))
-    stages = build_stages(layout, seed, fast)
+    stages = build_stages(layout, seed, fast, algorithm, reward)
     expected = EXPECTED_SECONDS_FAST if fast else EXPECTED_SECONDS
     # Other jobs on the machine slow every stage down: the 1-minute load average at the start of
     # each stage goes into the summary so timings can be read against it.
@@ -559,13 +585,13 @@ def seeds_table(aggregated: dict) -> str:
     return "\n".join(lines)
 
 
-def run_seeds(output_root: str, seeds: Sequence[int], fast: bool = False) -> dict:
+def run_seeds(output_root: str, seeds: Sequence[int], fast: bool = False, algorithm: str = "ppo", reward: str = "model") -> dict:
     """The whole pipeline once per seed, each under ROOT/seed-N, then the aggregate in
     ROOT/quickstart/seeds.json."""
     summaries = []
     for index, seed in enumerate(seeds):
         print(f"\n{'#' * 100}\n# seed {seed} ({index + 1} of {len(seeds)})\n{'#' * 100}", flush=True)
-        summaries.append(run(os.path.join(output_root, f"seed-{seed}"), seed=seed, fast=fast))
+        summaries.append(run(os.path.join(output_root, f"seed-{seed}"), seed=seed, fast=fast, algorithm=algorithm, reward=reward))
     aggregated = aggregate_seeds(summaries)
     path = Layout(output_root).result("seeds.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -606,6 +632,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "--fast", action="store_true", default=env_flag("QUICKSTART_FAST"),
         help="a few steps per stage to check the wiring (also QUICKSTART_FAST=1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--algorithm", choices=ALGORITHMS, default="ppo",
+        help="rl_algorithm of the PPO stage; grpo and rloo sample 4 responses for each of 8 prompts per rollout",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reward", choices=tuple(REWARDS), default="model",
+        help="reward of the PPO stage: the reward model (model), the demo judge as a reward function without "
+        "the reward model (judge), or their sum (both)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from ppo.runtime import prepare_process
 
@@ -621,8 +656,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             seeds = parse_seeds(args.seeds)
         except ValueError as error:
             parser.error(str(error))
-        return run_seeds(layout.root, seeds, fast=args.fast)
-    return run(layout.root, seed=args.seed, fast=args.fast)
+        return run_seeds(layout.root, seeds, fast=args.fast, algorithm=args.algorithm, reward=args.reward)
+    return run(layout.root, seed=args.seed, fast=args.fast, algorithm=args.algorithm, reward=args.reward)
 
 
 if __name__ == "__main__":

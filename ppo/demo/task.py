@@ -356,3 +356,9 @@ def conversation_lines(rows: Iterable[dict]) -> list[str]:
             prompt, responses = row["prompt"], [row["response_0"], row["response_1"]]
         lines.extend(PROMPT_INPUT.format(input=prompt) + " " + response for response in responses)
     return lines
+
+
+def judge_reward(prompt: str, response: str, sample: Optional[dict] = None) -> float:
+    """`judge` as a `reward_functions` entry (`ppo.demo.task:judge_reward`): PPO, GRPO and RLOO can
+    train against the rule itself, with or without a reward model (see `ppo.rewards`)."""
+    return judge(prompt, response)

@@ -467,20 +467,23 @@ def actor_clipped_loss(
     action_mask: paddle.Tensor,  # [B, T] bool
     clip_range_ratio: float,
     reduction: str | Reduction = Reduction.TOKEN_MEAN,
+    clip_range_ratio_high: float | None = None,
 ) -> paddle.Tensor:  # scalar float32
     """PPO clipped surrogate: ratio = exp(logp - logp_old),
-    L = masked_mean(max(-A·ratio, -A·clip(ratio, 1 - ε, 1 + ε)))."""
+    L = masked_mean(max(-A·ratio, -A·clip(ratio, 1 - ε_low, 1 + ε_high))), with
+    ε_low = clip_range_ratio and ε_high = clip_range_ratio_high (default: the same ε)."""
     _check_same_shape(
         log_probs=log_probs,
         old_log_probs=old_log_probs,
         advantages=advantages,
         action_mask=action_mask,
     )
-    _check_positive(clip_range_ratio=clip_range_ratio)
+    high = clip_range_ratio if clip_range_ratio_high is None else clip_range_ratio_high
+    _check_positive(clip_range_ratio=clip_range_ratio, clip_range_ratio_high=high)
     ratio = paddle.exp(_fp32(log_probs) - _fp32(old_log_probs))
     advantages = _fp32(advantages)
     unclipped = -advantages * ratio
-    clipped = -advantages * paddle.clip(ratio, 1.0 - clip_range_ratio, 1.0 + clip_range_ratio)
+    clipped = -advantages * paddle.clip(ratio, 1.0 - clip_range_ratio, 1.0 + high)
     return masked_mean(paddle.maximum(unclipped, clipped), action_mask, reduction)
 
 
@@ -552,11 +555,16 @@ def clip_fraction(
     old_log_probs: paddle.Tensor,  # [B, T]
     mask: paddle.Tensor,  # [B, T] bool
     clip_range_ratio: float,
+    clip_range_ratio_high: float | None = None,
 ) -> paddle.Tensor:  # scalar float32 in [0, 1]
-    """Fraction of valid tokens whose ratio left [1 - ε, 1 + ε], i.e. |ratio - 1| > ε."""
+    """Fraction of valid tokens whose ratio left [1 - ε, 1 + ε], i.e. |ratio - 1| > ε (with
+    `clip_range_ratio_high`: ratio < 1 - ε or ratio > 1 + ε_high)."""
     _check_same_shape(log_probs=log_probs, old_log_probs=old_log_probs, mask=mask)
     ratio = paddle.exp(_fp32(log_probs) - _fp32(old_log_probs))
-    return masked_mean((paddle.abs(ratio - 1.0) > clip_range_ratio).astype("float32"), mask)
+    if clip_range_ratio_high is None or clip_range_ratio_high == clip_range_ratio:
+        return masked_mean((paddle.abs(ratio - 1.0) > clip_range_ratio).astype("float32"), mask)
+    outside = (ratio < 1.0 - clip_range_ratio) | (ratio > 1.0 + clip_range_ratio_high)
+    return masked_mean(outside.astype("float32"), mask)
 
 
 @paddle.no_grad()
