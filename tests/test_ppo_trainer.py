@@ -173,15 +173,21 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ppo_assets, tmp_path
     settings = dict(max_steps=6, update_iters=2, save_strategy="steps", save_steps=1, logging_steps=1)
     full_dir = tmp_path / "full"
     run(ppo_assets, full_dir, **settings)
+    assert_resumes_exactly(ppo_assets, tmp_path, full_dir, (3, 4), settings)
+
+
+def assert_resumes_exactly(assets, tmp_path, full_dir, resume_steps, settings):
+    """Resuming from each of `resume_steps`' checkpoints of the uninterrupted run in `full_dir`
+    logs exactly that run's metrics from there on."""
     full = {r["step"]: r for r in read_metrics(full_dir)}
-    for resume_step in (3, 4):
+    for resume_step in resume_steps:
         resumed_dir = tmp_path / f"resumed{resume_step}"
         resumed_dir.mkdir()
         # Start from a copy of the uninterrupted run's checkpoint, as a crashed run would.
         subprocess.run(["cp", "-r", str(full_dir / f"checkpoint-{resume_step}"), str(resumed_dir)], check=True)
-        run(ppo_assets, resumed_dir, resume=str(resumed_dir / f"checkpoint-{resume_step}"), **settings)
+        run(assets, resumed_dir, resume=str(resumed_dir / f"checkpoint-{resume_step}"), **settings)
         resumed = {r["step"]: r for r in read_metrics(resumed_dir)}
-        assert sorted(resumed) == list(range(resume_step + 1, 7))
+        assert sorted(resumed) == list(range(resume_step + 1, settings["max_steps"] + 1))
         for step, record in resumed.items():
             for name, value in record.items():
                 assert value == pytest.approx(full[step][name], rel=1e-5, abs=1e-6), (step, name)

@@ -3,14 +3,13 @@ rule-based reward functions on the tiny models of `tests/test_ppo_trainer.py`.""
 
 from __future__ import annotations
 
-import subprocess
 
 import numpy as np
 import pytest
 
 from ppo.arguments import PPOModelArguments, PPOTrainingArguments
 from ppo.run_ppo import build_trainer
-from tests.test_ppo_trainer import make_arguments, ppo_assets, read_metrics  # noqa: F401 (fixture)
+from tests.test_ppo_trainer import assert_resumes_exactly, make_arguments, ppo_assets, read_metrics  # noqa: F401 (fixture)
 
 CRITIC_METRICS = ("train/reward_critic_loss", "train/critic_lr", "train/values", "train/returns", "train/explained_variance")
 RULES = '''
@@ -91,18 +90,8 @@ def test_grpo_resume_continues_exactly(ppo_assets, tmp_path):
     )  # fmt: skip
     full_dir = tmp_path / "full"
     run(ppo_assets, full_dir, **settings)
-    full = {r["step"]: r for r in read_metrics(full_dir)}
     assert not (full_dir / "checkpoint-2" / "value").exists()
-    for resume_step in (1, 2):  # inside a rollout, and between two
-        resumed_dir = tmp_path / f"resumed{resume_step}"
-        resumed_dir.mkdir()
-        subprocess.run(["cp", "-r", str(full_dir / f"checkpoint-{resume_step}"), str(resumed_dir)], check=True)
-        run(ppo_assets, resumed_dir, resume=str(resumed_dir / f"checkpoint-{resume_step}"), **settings)
-        resumed = {r["step"]: r for r in read_metrics(resumed_dir)}
-        assert sorted(resumed) == list(range(resume_step + 1, 5))
-        for step, record in resumed.items():
-            for name, value in record.items():
-                assert value == pytest.approx(full[step][name], rel=1e-5, abs=1e-6), (step, name)
+    assert_resumes_exactly(ppo_assets, tmp_path, full_dir, (1, 2), settings)  # inside a rollout, and between two
 
 
 def test_reward_function_without_a_reward_model(ppo_assets, tmp_path):
