@@ -44,6 +44,12 @@ class RewardArguments(StageArguments):
     regularization: float = field(
         default=0.001, metadata={"help": "Weight of the L2 penalty on the scores used by the loss."}
     )
+    train_top_layers: Optional[int] = field(
+        default=None,
+        metadata={"help": "Train only the score head, the final norm and the top N decoder layers (embeddings and "
+                          "lower layers frozen: no backward through them, several times cheaper on CPU). "
+                          "None: train the whole model."},
+    )
 
     def __post_init__(self):
         check_loss_type(self.loss_type)
@@ -56,12 +62,16 @@ class RewardArguments(StageArguments):
             raise ValueError(f"normalizer_momentum must be in (0, 1), got {self.normalizer_momentum}")
         if self.regularization < 0:
             raise ValueError(f"regularization must be >= 0, got {self.regularization}")
+        top = self.train_top_layers
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+            raise ValueError(f"train_top_layers must be a non-negative integer or null, got {top!r}")
         super().__post_init__()
 
 
 def compute_reward_metrics(eval_prediction: EvalPrediction) -> Dict[str, float]:
     """predictions: [N, 2] end scores of (preferred, other) response; label_ids: [N] index of the
-    preferred column (always 0 here). accuracy = share of pairs scored in the right order."""
+    preferred column (always 0 here). accuracy = share of pairs scored in the right order, over
+    `pairs` pairs (what its uncertainty depends on)."""
     scores = np.asarray(eval_prediction.predictions, dtype=np.float64)
     preferred_column = np.asarray(eval_prediction.label_ids, dtype=np.int64).reshape(-1)
     rows = np.arange(scores.shape[0])
@@ -69,6 +79,7 @@ def compute_reward_metrics(eval_prediction: EvalPrediction) -> Dict[str, float]:
     other = scores[rows, 1 - preferred_column]
     return {
         "accuracy": float(np.mean(preferred > other)),
+        "pairs": int(scores.shape[0]),
         "rewards_mean": float(scores.mean()),
         "rewards_std": float(scores.std()),
         "better_rewards_mean": float(preferred.mean()),

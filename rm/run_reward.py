@@ -25,12 +25,14 @@ from ppo.runtime import prepare_process  # noqa: E402
 prepare_process()  # before Paddle loads: CPU floor check, MKL's AVX2 kernels on AMD
 
 from paddlenlp.trainer import set_seed  # noqa: E402
+from paddlenlp.utils.log import logger  # noqa: E402
 
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import PreferenceDataset  # noqa: E402
 from ppo.model_io import load_tokenizer  # noqa: E402
 from ppo.model_import import resolve_model_path  # noqa: E402
 from ppo.models import AutoModelForScore  # noqa: E402
+from ppo.models.freezing import train_top_layers_only  # noqa: E402
 from ppo.stage import build_stage_trainer, model_placement, run_stage  # noqa: E402
 from rm.reward_trainer import RewardArguments, RewardTrainer  # noqa: E402
 
@@ -46,6 +48,9 @@ def build_trainer(args: RewardArguments) -> RewardTrainer:
         normalizer_type=args.normalizer_type,
         momentum=args.normalizer_momentum,
     )
+    trainable = train_top_layers_only(model, args.train_top_layers)
+    if trainable is not None:
+        logger.info(f"reward model: {trainable.describe()} (train_top_layers={args.train_top_layers})")
     return build_stage_trainer(RewardTrainer, args, model, tokenizer, PreferenceDataset)
 
 

@@ -261,6 +261,7 @@ def test_prediction_step_and_metrics(trainer_parts):
         EvalPrediction(predictions=np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0], [1.0, 1.0]]), label_ids=np.zeros(4))
     )
     assert metrics["accuracy"] == 0.5  # ties count as wrong
+    assert metrics["pairs"] == 4
     assert metrics["rewards_mean"] == pytest.approx(1.125)
     assert metrics["rewards_std"] == pytest.approx(np.std([1, 0, 0, 2, 3, 1, 1, 1]))
 

@@ -130,13 +130,6 @@ class PromptSet:
             texts = texts[:max_prompts]
         return cls(texts=texts, dataset=dataset)
 
-    def batches(self, prompts_per_batch: int):
-        """(first prompt index, collated left-padded batch) in prompt order."""
-        collate = self.dataset.get_collator()
-        for start in range(0, len(self.texts), prompts_per_batch):
-            stop = min(start + prompts_per_batch, len(self.texts))
-            yield start, collate([self.dataset[i] for i in range(start, stop)])
-
 
 def load_causal_lm(path: str):
     from paddlenlp.transformers import AutoModelForCausalLM
@@ -187,30 +180,48 @@ def reward_scores(reward_model, sequences: paddle.Tensor, attention_mask: paddle
     return output.end_scores[:, 0].astype("float32")
 
 
-def sample_and_score(
+@dataclass
+class Generation:
+    """One response to one prompt of a prompt dataset, with what every evaluation measures."""
+
+    prompt_index: int  # item of the prompt dataset
+    response: str  # decoded, special tokens removed
+    finished: bool  # ended with a stop token within max_new_tokens
+    length: int  # response tokens, stop token included
+    reward: float  # reward-model end score of prompt + response
+    kl_to_reference: Optional[float]  # sum over response tokens of log p_policy - log p_reference
+
+
+def generate_and_score(
     policy,
-    prompts: PromptSet,
+    dataset,
     tokenizer,
     reward_model,
     settings: SamplingSettings,
     do_sample: bool = True,
     reference=None,
     description: str = "generate",
-) -> List[ScoredResponse]:
-    """Every prompt answered `samples_per_prompt` times (once when greedy), each answer scored.
-    `reference` given: each answer also gets its KL estimate against it."""
+    num_prompts: Optional[int] = None,
+) -> List[Generation]:
+    """The first `num_prompts` (default: all) prompts of `dataset` (a `PromptOnlyDataset`, in
+    the policy's template) answered `samples_per_prompt` times (once when greedy); each answer
+    scored by the reward model (which must share the policy's tokenizer) and, with `reference`,
+    given its KL estimate against it."""
     from ppo.infer_utils import RolloutEngine
 
     # No fused (GPU) backend: both policies go through the same dynamic-graph sampler.
     # Responses end at the template's end-of-turn token (EOS for safe-rlhf), as in PPO rollouts.
-    stop_token_ids = prompts.dataset.stop_token_ids
+    stop_token_ids = dataset.stop_token_ids
     engine = RolloutEngine(policy, eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_fusemt=False)
     copies = settings.samples_per_prompt if do_sample else 1
+    num_prompts = len(dataset) if num_prompts is None else num_prompts
+    collate = dataset.get_collator()
     # The same seed before each policy: both draw from the same random stream.
     paddle.seed(settings.seed)
-    scored = []
-    progress = tqdm(total=len(prompts.texts) * copies, desc=description, unit="answer", dynamic_ncols=True)
-    for start, batch in prompts.batches(settings.prompts_per_batch):
+    generations = []
+    progress = tqdm(total=num_prompts * copies, desc=description, unit="answer", dynamic_ncols=True)
+    for start in range(0, num_prompts, settings.prompts_per_batch):
+        batch = collate([dataset[i] for i in range(start, min(start + settings.prompts_per_batch, num_prompts))])
         rollout = engine.generate(
             batch["input_ids"],
             batch["attention_mask"],
@@ -231,19 +242,12 @@ def sample_and_score(
         lengths = rollout.response_lengths.tolist()
         sequences = rollout.sequences[:, rollout.prompt_length :].tolist()
         for row, (tokens, length, reward, kl) in enumerate(zip(sequences, lengths, rewards, kls)):
-            prompt = prompts.texts[start + row // copies]
             response_tokens = tokens[:length]
-            finished = bool(response_tokens) and response_tokens[-1] in stop_token_ids
-            response = decode(tokenizer, response_tokens, skip_special_tokens=True).strip()
-            scored.append(
-                ScoredResponse(
-                    prompt=prompt,
-                    response=response,
-                    judge=task.judge(prompt, response),
-                    correct_colour=task.is_correct(prompt, response),
-                    polite=task.is_polite(response),
-                    well_formed=task.is_well_formed(response),
-                    finished=finished,
+            generations.append(
+                Generation(
+                    prompt_index=start + row // copies,
+                    response=decode(tokenizer, response_tokens, skip_special_tokens=True).strip(),
+                    finished=bool(response_tokens) and response_tokens[-1] in stop_token_ids,
                     length=int(length),
                     reward=float(reward),
                     kl_to_reference=None if kl is None else float(kl),
@@ -251,6 +255,42 @@ def sample_and_score(
             )
         progress.update(len(lengths))
     progress.close()
+    return generations
+
+
+def sample_and_score(
+    policy,
+    prompts: PromptSet,
+    tokenizer,
+    reward_model,
+    settings: SamplingSettings,
+    do_sample: bool = True,
+    reference=None,
+    description: str = "generate",
+) -> List[ScoredResponse]:
+    """Every prompt answered `samples_per_prompt` times (once when greedy), each answer scored
+    and judged. `reference` given: each answer also gets its KL estimate against it."""
+    generations = generate_and_score(
+        policy, prompts.dataset, tokenizer, reward_model, settings, do_sample=do_sample,
+        reference=reference, description=description, num_prompts=len(prompts.texts),
+    )  # fmt: skip
+    scored = []
+    for generation in generations:
+        prompt, response = prompts.texts[generation.prompt_index], generation.response
+        scored.append(
+            ScoredResponse(
+                prompt=prompt,
+                response=response,
+                judge=task.judge(prompt, response),
+                correct_colour=task.is_correct(prompt, response),
+                polite=task.is_polite(response),
+                well_formed=task.is_well_formed(response),
+                finished=generation.finished,
+                length=generation.length,
+                reward=generation.reward,
+                kl_to_reference=generation.kl_to_reference,
+            )
+        )
     return scored
 
 
