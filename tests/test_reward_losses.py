@@ -1,4 +1,4 @@
-"""Pairwise reward losses against hand-computed values."""
+"""Pairwise reward and cost losses against hand-computed values."""
 
 import math
 import warnings
@@ -8,11 +8,16 @@ import paddle
 import pytest
 
 from ppo.models.reward_losses import (
+    COST_LOSSES,
     REWARD_LOSSES,
     PreferenceScores,
+    SafetyPreferenceScores,
     divergence_slice_mask,
+    get_cost_loss,
     get_reward_loss,
+    sequence_wise_cost_loss,
     sequence_wise_loss,
+    token_wise_cost_loss,
     token_wise_loss,
 )
 
@@ -136,3 +141,91 @@ def test_loss_registry():
     assert float(get_reward_loss("token-wise")(scores, 0.0)) == pytest.approx(float(direct), rel=1e-6)
     with pytest.raises(ValueError, match=r"'sequence-wise', 'token-wise'"):
         get_reward_loss("pairwise")
+
+
+# ---------------------------------------------------------------- cost losses
+# Safety signs of the three pairs (+1 safe / -1 unsafe): a safe-vs-unsafe pair, two unsafe
+# answers, two safe answers. The cost should be negative on safe, positive on unsafe answers.
+SAFER_SIGN = [1, -1, 1]
+UNSAFER_SIGN = [-1, -1, 1]
+
+
+def test_sequence_wise_cost_loss_hand_computed():
+    safer, unsafer, reg = [-1.0, 0.5, 0.0], [2.0, 1.0, -0.5], 0.1
+    expected = []
+    for c_s, c_u, s_s, s_u in zip(safer, unsafer, SAFER_SIGN, UNSAFER_SIGN):
+        # the cost's sign is the negated safety sign
+        expected.append(-log_sigmoid(c_u - c_s) - log_sigmoid(-s_s * c_s) - log_sigmoid(-s_u * c_u))
+    expected = np.mean(expected) + reg * (np.mean(np.square(safer)) + np.mean(np.square(unsafer)))
+    loss = sequence_wise_cost_loss(t(safer), t(unsafer), t(SAFER_SIGN, "int64"), t(UNSAFER_SIGN, "int64"), reg)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # One pair by hand: c_s = 0, c_u = 0, safe vs unsafe -> three terms of log 2 each.
+    single = sequence_wise_cost_loss(t([0.0]), t([0.0]), t([1], "int64"), t([-1], "int64"), 0.0)
+    assert float(single) == pytest.approx(3 * math.log(2.0), rel=1e-6)
+
+
+def test_cost_loss_rewards_the_right_signs():
+    """Costs on the right side of zero give a lower loss than the same costs mirrored."""
+    signs = (t([1], "int64"), t([-1], "int64"))
+    right = sequence_wise_cost_loss(t([-2.0]), t([2.0]), *signs, 0.0)
+    shifted = sequence_wise_cost_loss(t([2.0]), t([6.0]), *signs, 0.0)  # same gap, safe answer positive
+    assert float(right) < float(shifted)
+
+
+def test_cost_loss_rejects_bad_signs():
+    with pytest.raises(ValueError, match=r"\+1 \(safe\) or -1 \(unsafe\), got \[0\]"):
+        sequence_wise_cost_loss(t([0.0]), t([1.0]), t([0], "int64"), t([-1], "int64"), 0.0)
+
+
+def test_token_wise_cost_loss_hand_computed():
+    safer, unsafer, reg = _scores(10), _scores(11), 0.05
+    per_pair = []
+    for row, (start, end) in enumerate(EXPECTED_SLICES):
+        c_s = safer[row, start : end + 1].astype(np.float64)
+        c_u = unsafer[row, start : end + 1].astype(np.float64)
+        s_s, s_u = -SAFER_SIGN[row], -UNSAFER_SIGN[row]
+        terms = (
+            -np.mean([log_sigmoid(x) for x in c_u - c_s])
+            - np.mean([log_sigmoid(s_s * x) for x in c_s])
+            - np.mean([log_sigmoid(s_u * x) for x in c_u])
+        )
+        per_pair.append(terms + reg * (np.mean(c_s**2) + np.mean(c_u**2)))
+    signs = (t(SAFER_SIGN, "int64"), t(UNSAFER_SIGN, "int64"))
+    loss = token_wise_cost_loss(t(safer), t(unsafer), *pair_tensors(), *signs, reg)
+    assert float(loss) == pytest.approx(np.mean(per_pair), rel=1e-5)
+    # A trailing score dimension of 1 is the same loss.
+    stacked = token_wise_cost_loss(t(safer[..., None]), t(unsafer[..., None]), *pair_tensors(), *signs, reg)
+    assert float(stacked) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_token_wise_cost_loss_skips_identical_pairs():
+    costs = paddle.to_tensor(_scores(12), stop_gradient=False)
+    same = (t(BETTER_IDS, "int64"), t(BETTER_IDS, "int64"), t(BETTER_MASK, "int64"), t(BETTER_MASK, "int64"))
+    signs = (t(SAFER_SIGN, "int64"), t(UNSAFER_SIGN, "int64"))
+    with pytest.warns(RuntimeWarning, match=r"token-wise cost loss: skipping preference pairs \[0, 1, 2\]"):
+        loss = token_wise_cost_loss(costs, costs * 0.5, *same, *signs, 0.1)
+    loss.backward()
+    assert float(loss) == 0.0 and np.isfinite(costs.grad.numpy()).all()
+
+
+def test_cost_loss_registry():
+    assert set(COST_LOSSES) == set(REWARD_LOSSES)
+    scores = SafetyPreferenceScores(
+        better_scores=t(_scores(10)),
+        worse_scores=t(_scores(11)),
+        better_end_scores=t([-1.0, 0.5, 0.0]),
+        worse_end_scores=t([2.0, 1.0, -0.5]),
+        better_input_ids=t(BETTER_IDS, "int64"),
+        worse_input_ids=t(WORSE_IDS, "int64"),
+        better_attention_mask=t(BETTER_MASK, "int64"),
+        worse_attention_mask=t(WORSE_MASK, "int64"),
+        better_safety_sign=t(SAFER_SIGN, "int64"),
+        worse_safety_sign=t(UNSAFER_SIGN, "int64"),
+    )
+    signs = (scores.better_safety_sign, scores.worse_safety_sign)
+    sequence = sequence_wise_cost_loss(scores.better_end_scores, scores.worse_end_scores, *signs, 0.2)
+    token = token_wise_cost_loss(scores.better_scores, scores.worse_scores, *pair_tensors(), *signs, 0.2)
+    assert float(get_cost_loss("sequence-wise")(scores, 0.2)) == pytest.approx(float(sequence), rel=1e-6)
+    assert float(get_cost_loss("token-wise")(scores, 0.2)) == pytest.approx(float(token), rel=1e-6)
+    with pytest.raises(ValueError, match=r"unknown cost loss_type 'pairwise'; allowed: \['sequence-wise', 'token-wise'\]"):
+        get_cost_loss("pairwise")
