@@ -1,8 +1,9 @@
 """Atomic checkpoint directories and the PPO-level state that travels with them.
 
-A checkpoint is written into a temporary sibling directory and renamed into place only when it
-is complete, so an interrupted save never leaves a half-written checkpoint that a resume would
-trust.
+A checkpoint is written into a temporary sibling directory and published (`publish_checkpoint`:
+manifest of sizes and checksums, then one rename) only when it is complete, so an interrupted
+save never leaves a half-written checkpoint that a resume would trust; `ppo.checkpoint_files`
+holds the directory mechanics shared with the SFT / reward-model stages.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
@@ -20,7 +20,17 @@ from typing import Iterator, Optional
 import numpy as np
 import paddle
 
-CHECKPOINT_PREFIX = "checkpoint-"
+from ppo.checkpoint_files import (  # noqa: F401 (CHECKPOINT_PREFIX, checkpoint_step, publish_checkpoint: used by the PPO trainer)
+    CHECKPOINT_PREFIX,
+    CheckpointPolicy,
+    checkpoint_step,
+    manifest_or_marker,
+    newest_resumable_checkpoint,
+    publish_checkpoint,
+    resolve_resume_request,
+)
+from ppo.checkpoint_files import rotate_checkpoints as rotate_files
+
 PPO_STATE_NAME = "ppo_state.json"
 
 
@@ -95,49 +105,24 @@ def load_rng_state(path: str) -> None:
     random.setstate(state["python"])
 
 
-def checkpoint_step(path: str) -> Optional[int]:
-    match = re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", os.path.basename(os.path.normpath(path)))
-    return int(match.group(1)) if match else None
+# A PPO checkpoint written before manifests existed is complete when its state file is there.
+PPO_POLICY = CheckpointPolicy(legacy_marker=PPO_STATE_NAME)
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [(checkpoint_step(name), name) for name in os.listdir(output_dir)]
-    complete = [
-        (step, name)
-        for step, name in steps
-        if step is not None and os.path.isfile(os.path.join(output_dir, name, PPO_STATE_NAME))
-    ]
-    return os.path.join(output_dir, max(complete)[1]) if complete else None
+    """The newest complete PPO checkpoint of output_dir (newer broken ones skipped with a log line)."""
+    return newest_resumable_checkpoint(output_dir, PPO_POLICY)
 
 
 def resolve_resume_path(resume_from_checkpoint, output_dir: str) -> Optional[str]:
-    """`True`/"true"/"latest" → newest complete checkpoint in output_dir; a path must exist."""
-    if resume_from_checkpoint in (None, False, "", "false", "False"):
-        return None
-    if resume_from_checkpoint in (True, "true", "True", "latest"):
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            raise FileNotFoundError(f"resume_from_checkpoint asks for the latest checkpoint, but {output_dir} has none")
-        return path
-    path = str(resume_from_checkpoint)
-    if not os.path.isfile(os.path.join(path, PPO_STATE_NAME)):
-        raise FileNotFoundError(
-            f"resume_from_checkpoint={path!r} is not a complete PPO checkpoint (no {PPO_STATE_NAME} there); "
-            f"available: {sorted(n for n in os.listdir(output_dir) if checkpoint_step(n) is not None) if os.path.isdir(output_dir) else []}"
-        )
-    return path
+    """`True`/"true"/"latest" → newest complete checkpoint in output_dir; a path must be complete."""
+    return resolve_resume_request(resume_from_checkpoint, output_dir, PPO_POLICY, kind="PPO ")
 
 
 def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> None:
-    if not save_total_limit or save_total_limit <= 0:
-        return
-    steps = sorted(
-        (step, name) for name in os.listdir(output_dir) if (step := checkpoint_step(name)) is not None
-    )
-    for _, name in steps[:-save_total_limit]:
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    """Delete checkpoints older than the newest `save_total_limit` complete ones (call it after
+    `publish_checkpoint`, so the one just written counts)."""
+    rotate_files(output_dir, save_total_limit, manifest_or_marker(PPO_STATE_NAME))
 
 
 def _rename_optimizer_state(state: dict, renames: dict) -> dict:

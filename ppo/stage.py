@@ -1,6 +1,8 @@
-"""What the two supervised-style stages (SFT and reward model) share: their common arguments,
-the datasets, and the train → save → evaluate sequence that writes PaddleNLP's usual
-`train_results.json` / `eval_results.json` / `all_results.json`."""
+"""What the two supervised-style stages (SFT and reward model) share: their common arguments
+(checked, output_dir included, before any model is loaded), the datasets, the Trainer with
+atomic checkpoints and preemption handling (`ppo.stage_checkpoints`), and the train → save →
+evaluate sequence that writes PaddleNLP's usual `train_results.json` / `eval_results.json` /
+`all_results.json`."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from paddlenlp.utils.log import logger
 
 from ppo.data.arguments import ConversationDataArguments
 from ppo.data.truncation import check_max_prompt_length
+from ppo.preflight import check_output_dir, check_training_output_dir
+from ppo.stage_checkpoints import with_fault_tolerance
 
 
 @dataclass
@@ -53,6 +57,16 @@ class StageArguments(TrainingArguments, ConversationDataArguments):
             )
             self.do_eval, self.evaluation_strategy = False, "no"
         super().__post_init__()
+        self.check_output_dir()
+
+    def check_output_dir(self) -> None:
+        """Refuse an output_dir that cannot be written or lacks the space for a checkpoint and the
+        final model (estimated from model_name_or_path's weight files when it is a local directory)."""
+        if not self.do_train:
+            check_output_dir(self.output_dir, what="evaluation")
+            return
+        saves = str(getattr(self.save_strategy, "value", self.save_strategy)) != "no"
+        check_training_output_dir(self.output_dir, [self.model_name_or_path], model_dtype(self), saves)
 
 
 def model_dtype(args: TrainingArguments) -> str:
@@ -73,7 +87,8 @@ def model_placement(args: TrainingArguments) -> dict:
 
 
 def build_stage_trainer(trainer_class, args: StageArguments, model, tokenizer, dataset_class) -> Trainer:
-    """The stage's Trainer on `dataset_class` built from the train/eval dataset specs."""
+    """The stage's Trainer (`trainer_class` with atomic checkpoints and preemption handling) on
+    `dataset_class` built from the train/eval dataset specs."""
 
     def dataset(specs):
         return dataset_class(
@@ -85,7 +100,7 @@ def build_stage_trainer(trainer_class, args: StageArguments, model, tokenizer, d
     train_dataset = dataset(args.train_datasets) if args.do_train else None
     eval_dataset = dataset(args.eval_datasets) if args.eval_datasets else None
     collator_source = train_dataset if train_dataset is not None else eval_dataset
-    return trainer_class(
+    return with_fault_tolerance(trainer_class)(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -96,12 +111,19 @@ def build_stage_trainer(trainer_class, args: StageArguments, model, tokenizer, d
 
 
 def run_stage(trainer: Trainer, args: StageArguments, name: str, add_eval_metrics: Optional[Callable[[Dict], None]] = None) -> Dict:
-    """Train (then save the model and trainer state), evaluate, and write the metrics files."""
+    """Train (then save the model and trainer state), evaluate, and write the metrics files.
+
+    Stopped by SIGTERM/SIGINT: the step's checkpoint is saved, the resume instructions logged, and
+    the process exits with 128 + the signal number (no final model, no evaluation)."""
     if not args.do_train and not args.eval_datasets:
         raise ValueError("nothing to do: set do_train (with train_datasets) and/or give eval_datasets")
     results = {}
     if args.do_train:
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        if trainer.preempted:
+            checkpoint = trainer.checkpoint_current_step()
+            logger.warning(f"{name} " + trainer.preemption_guard.resume_message(trainer.state.global_step, checkpoint))
+            raise SystemExit(trainer.preemption_guard.exit_code)
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
