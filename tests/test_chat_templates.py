@@ -287,7 +287,7 @@ def test_ppo_rerenders_conversations_for_a_reward_model_with_another_tokenizer(c
     actor_tokenizer = trainer.tokenizer
     im_end = ids_of(actor_tokenizer, "<|im_end|>")
     assert trainer.engine.stop_token_ids == (im_end, actor_tokenizer.eos_token_id)
-    assert trainer.reward_tokenizer is not None
+    assert trainer.reward_scorer.model_scorer.score_tokenizer is not None
 
     item = trainer.train_dataset[0]
     prompt, turns = item["input_ids"], item["turns"]

@@ -291,7 +291,7 @@ def run_model_parallel_job(config_path: str) -> dict:
     facts = {
         "classes": {role: type(model).__name__ for role, model in (
             ("actor", trainer.actor_model), ("critic", trainer.critic_model), ("reference", trainer.reference_model),
-            ("reward", trainer.reward_model), ("actor_rollout", trainer.rollout_actor), ("critic_rollout", trainer.rollout_critic))},
+            ("reward", trainer.reward_model), ("actor_rollout", trainer.rollout_model("actor")), ("critic_rollout", trainer.rollout_model("critic")))},
     }
     trainer.actor_trainer.create_optimizer_and_scheduler(num_training_steps=2)
     trainer.critic_trainer.create_optimizer_and_scheduler(num_training_steps=2)
@@ -308,7 +308,7 @@ def run_model_parallel_job(config_path: str) -> dict:
                                    for role, copy in trainer.rollout_copies.items()}
         try:
             trainer._enter("train")
-            trainer._update(experience.split(args.per_device_train_batch_size), actor_model, critic_model)
+            trainer._update(experience.split(args.per_device_train_batch_size), {"actor": actor_model, "critic": critic_model})
             facts["update"] = "ran"
         except NotImplementedError as error:
             facts["update"] = str(error)
@@ -694,7 +694,7 @@ def _experience(seed: int, batch: int = 3, length: int = 9):
 def test_rollout_sums_add_up_across_ranks_to_the_metrics_of_the_whole_batch():
     from ppo.experience import Experience
     from ppo.models.ppo_model_utils import explained_variance, kl_divergence_per_token, masked_mean, masked_sum
-    from ppo.trainer_utils import rollout_metrics, rollout_sums
+    from ppo.metrics import rollout_metrics, rollout_sums
 
     parts = [_experience(1), _experience(2, batch=2)]  # two "ranks" with different shapes
     whole = Experience.concat(parts)
@@ -719,7 +719,7 @@ def test_rollout_sums_add_up_across_ranks_to_the_metrics_of_the_whole_batch():
 def test_rollout_random_state_is_a_separate_resumable_stream():
     import paddle
 
-    from ppo.trainer_utils import RolloutRandomState
+    from ppo.sampling import RolloutRandomState
 
     paddle.seed(123)
     global_draws = paddle.rand([4]).numpy()
@@ -766,7 +766,7 @@ def test_parallel_mode_chooses_pipe_classes_and_rollout_copies():
 
 
 def test_pipeline_and_stage3_runs_refuse_to_start_without_rollout_copies():
-    from ppo.trainer_utils import check_rollout_copies
+    from ppo.rollout_copies import check_rollout_copies
 
     pipeline = types.SimpleNamespace(pipeline_parallel_degree=2, sharding=[])
     with pytest.raises(ValueError, match="actor_rollout_model and critic_rollout_model"):
@@ -858,7 +858,7 @@ def test_rollout_copies_refresh_once_per_use_after_a_step_and_respect_offload(tm
         args=parsed[2], actor_model=plain.actor_model, reference_model=plain.reference_model,
         reward_model=plain.reward_model, critic_model=plain.critic_model, tokenizer=plain.tokenizer,
         train_dataset=plain.train_dataset, eval_dataset=plain.eval_dataset, ptx_dataset=plain.ptx_dataset,
-        max_length=plain.max_length, reward_tokenizer=plain.reward_tokenizer, **copies,
+        max_length=plain.max_length, reward_tokenizer=plain.reward_scorer.model_scorer.score_tokenizer, **copies,
     )
     assert trainer.engine.model is copies["actor_rollout_model"]
     refreshed_at, rollouts = [], []

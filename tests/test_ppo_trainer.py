@@ -289,7 +289,7 @@ def test_reward_retokenised_when_reward_tokenizer_differs(ppo_assets, tmp_path, 
     model_args.reward_model_name_or_path = other_reward
     model_args.reward_critic_model_name_or_path = ppo_assets["reward"]
     trainer = build_trainer(model_args, data_args, training_args)
-    assert trainer.reward_tokenizer is not None
+    assert trainer.reward_scorer.model_scorer.score_tokenizer is not None
 
     actor_tokenizer = trainer.tokenizer
     text = "BEGINNING OF CONVERSATION: USER: hello ASSISTANT: thank you"

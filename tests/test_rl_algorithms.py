@@ -126,7 +126,7 @@ def test_reward_function_is_added_to_the_reward_model_with_weights(ppo_assets, t
     rollout = trainer.generate(batch, 1)
     breakdown = {}
     total = trainer.reward_scores(rollout.sequences, rollout.attention_mask, rollout.prompt_length, breakdown)
-    model = trainer._reward_model_scores(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+    model = trainer.reward_scorer.model_scorer(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
     expected = 0.5 * model.numpy() + 3.0 * np.asarray(breakdown["length_reward"], dtype=np.float32)
     np.testing.assert_allclose(total.numpy(), expected, rtol=1e-5, atol=1e-5)
 

@@ -1,0 +1,834 @@
+"""The RL loop every algorithm shares: rollout → scoring → (algorithm) experience → updates, with
+logging, evaluation, checkpoints and exact resume.
+
+`RLTrainer` owns the models and everything that does not depend on the algorithm: generation, the
+frozen models' scores (reference log-probs, reward), the trained models' rollout-time outputs
+(old log-probs, old values), the optimizer-step loop over accumulated micro-batches, metrics,
+evaluation, offloading and checkpoints. A subclass is the algorithm: `build_experience` turns a
+scored rollout into advantages and targets, and the role Trainers' `compute_loss` hooks
+(`ppo.trainer_utils`) turn experience into losses. `PPOTrainer` (`ppo.ppo_trainer`) is PPO and
+the critic-free estimators of `ppo.models.advantages`.
+
+Trained models ("roles"): the actor, and one value model per entry of `critics` (PPO's critic,
+role "critic"). Each is driven by its own PaddleNLP `Trainer` (own optimizer, scheduler, AMP
+scaler and distributed wrapping) through its public hooks: `create_optimizer_and_scheduler`,
+`training_step` (which calls our `compute_loss`) and `log`. The loop below is RL's own: it is not
+a copy of `Trainer.train`. Frozen models: the reference (only with a KL term) and the reward model
+(none when rule-based `reward_functions` alone score).
+
+Step accounting: one *optimizer step* = `gradient_accumulation_steps` micro-batches of
+`per_device_train_batch_size` responses. `global_step`, `max_steps`, `logging_steps`,
+`save_steps` and `eval_steps` all count optimizer steps. A rollout of
+`per_device_prompt_batch_size × num_return_sequences` responses gives
+`update_iters × micro_batches / gradient_accumulation_steps` optimizer steps.
+
+Several processes (`paddle.distributed.launch`): each data-parallel replica takes its own slice of
+every global prompt batch and samples from its own RNG stream; rollout statistics, whitening and
+logged metrics are reduced across replicas so that every rank logs the values one process would
+log for the whole global batch; only rank 0 writes logs and checkpoint files shared by all ranks.
+Under pipeline parallel (and sharding stage3) the trained models cannot generate: a rollout copy
+(`RolloutCopy`) generates and scores, refreshed from the trained weights before each rollout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import time
+from dataclasses import dataclass, fields
+from typing import Dict, List, Optional, Tuple
+
+import paddle
+import paddle.distributed as dist
+from paddlenlp.trainer import PrinterCallback, ProgressCallback
+from paddlenlp.utils.log import logger
+from tqdm.auto import tqdm
+
+from ppo.arguments import PPOTrainingArguments
+from ppo.checkpoint import (
+    CHECKPOINT_PREFIX,
+    PPO_STATE_NAME,
+    PPOState,
+    load_portable_optimizer_state,
+    load_rng_state,
+    portable_optimizer_state,
+    resolve_resume_path,
+    rotate_checkpoints,
+    save_rng_state,
+)
+from ppo.comm_utils import (
+    OffloadManager,
+    all_reduce_max,
+    all_reduce_sum,
+    is_distributed,
+    layer_movers,
+    managed_offload_objects,
+    optimizer_movers,
+    reduce_metrics,
+)
+from ppo.experience import Experience, PromptBatch
+from ppo.infer_utils import RolloutEngine, RolloutOutput
+from ppo.metrics import MetricTracker, mean_stats, rollout_metrics, rollout_sums
+from ppo.model_io import load_model_weights, save_model_dir, tokenizers_match
+from ppo.models.ppo_model_utils import action_mask_from, gather_log_probs, make_position_ids, response_lengths
+from ppo.plotting import plot_training_curves
+from ppo.reward_scoring import RewardScorer, SequenceScorer
+from ppo.rollout_copies import RolloutCopy, check_rollout_copies, uses_sharding_stage3, weight_refresher
+from ppo.sampling import EpochSampler, RolloutRandomState, batch_iterator
+from ppo.tokenizer_io import decode
+from ppo.trainer_utils import (
+    GradientSync,
+    NonFiniteLossError,
+    PolicyTrainer,
+    StepStats,
+    ValueTrainer,
+    current_learning_rate,
+    logits_of,
+    optimizer_step,
+    pipeline_step_stats,
+)
+
+METRICS_FILE = "ppo_metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+PENDING_EXPERIENCE_NAME = "pending_experience.pdparams"
+ROLLOUT_RNG_NAME = "rollout_rng_state"
+ALGORITHM_STATE_NAME = "algorithm_state.json"
+
+
+@dataclass
+class RolloutWork:
+    """One rollout's experience and how far the updates on it have got."""
+
+    experience: Experience
+    update_iter: int = 0
+    micro_batch: int = 0
+
+
+@dataclass
+class CriticRole:
+    """A trained value model: its rollout copy (or None), the arguments of its Trainer, and the
+    Experience fields it is scored into at rollout time (`old_values_field`)."""
+
+    model: object
+    rollout_model: Optional[object] = None
+    old_values_field: str = "old_values"
+
+
+class RLTrainer:
+    """The shared RL loop; subclasses implement `build_experience` (see the module docstring)."""
+
+    #: Output directory name of each trained role's final model ("policy", "value" as PaddleNLP's
+    #: alignment example writes them).
+    OUTPUT_NAMES = {"actor": "policy", "critic": "value"}
+
+    def __init__(
+        self,
+        args: PPOTrainingArguments,
+        actor_model,
+        reference_model,
+        reward_model,
+        tokenizer,
+        train_dataset,
+        max_length: int,
+        critics: Optional[Dict[str, CriticRole]] = None,
+        reward_tokenizer=None,
+        eval_dataset=None,
+        ptx_dataset=None,
+        callbacks=None,
+        actor_rollout_model=None,
+        max_new_tokens: Optional[int] = None,
+    ):
+        """`critics`: role -> trained value model (PPO: {"critic": ...}; none for critic-free
+        algorithms). `actor_rollout_model` and each critic's `rollout_model`: optional non-training
+        copies that generate and score rollouts instead of the trained models (required under
+        pipeline parallel, see `ppo.run_ppo.build_models`); they are refreshed from the trained
+        weights before every rollout that follows an optimizer step.
+
+        `max_new_tokens`: the response budget of every rollout and evaluation batch (prompts must
+        then fit in `max_length - max_new_tokens`); None: `max_length` minus the longest prompt of
+        the global batch, or of the whole eval set (see `response_budget`)."""
+        self.args = args
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_new_tokens = max_new_tokens
+        self.actor_model, self.reference_model, self.reward_model = actor_model, reference_model, reward_model
+        self.critics: Dict[str, CriticRole] = dict(critics or {})
+        self._wrapped: Dict[str, object] = {}  # role -> the model as wrapped for training (see `train`)
+        self.rollout_copies: Dict[str, RolloutCopy] = {}
+        for role, source, copy in (
+            ("actor", actor_model, actor_rollout_model),
+            *((role, critic.model, critic.rollout_model) for role, critic in self.critics.items()),
+        ):
+            if copy is not None and source is not None:
+                self.rollout_copies[role] = RolloutCopy(copy, weight_refresher(args, role, source, copy, self._wrapped))
+        check_rollout_copies(args, self.rollout_copies)
+        # Frozen models are never wrapped for data/sharding parallelism: only the role Trainers wrap.
+        for frozen in self.frozen_models():
+            frozen.eval()
+            for parameter in frozen.parameters():
+                parameter.stop_gradient = True
+        # A response ends at the prompts' template's end-of-turn token (and EOS), in generation
+        # and in every mask built from the rollout.
+        self.template = getattr(train_dataset, "template", None)
+        self.stop_token_ids = self.template.stop_token_ids if self.template is not None else (tokenizer.eos_token_id,)
+        self.reward_scorer = RewardScorer(
+            self.score_model_reader(reward_model, reward_tokenizer, (train_dataset, eval_dataset), "reward model"),
+            tokenizer,
+            self.stop_token_ids,
+            args.reward_functions,
+            args.reward_function_weights,
+            args.reward_model_weight,
+            (train_dataset, eval_dataset),
+        )
+
+        self.actor_trainer = PolicyTrainer(model=actor_model, args=args, tokenizer=tokenizer, callbacks=callbacks)
+        self.critic_trainers = {
+            role: ValueTrainer(model=critic.model, args=self.critic_arguments(role), tokenizer=tokenizer)
+            for role, critic in self.critics.items()
+        }
+        for trainer in self.trainers.values():
+            # We print our own log lines and progress bar; keep only reporting integrations.
+            trainer.pop_callback(PrinterCallback)
+            trainer.pop_callback(ProgressCallback)
+
+        self.engine = RolloutEngine(
+            self.rollout_model("actor"),
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            use_fusemt=args.use_fusemt,
+        )
+
+        self.train_dataset, self.eval_dataset, self.ptx_dataset = train_dataset, eval_dataset, ptx_dataset
+        self.prompt_sampler = EpochSampler(
+            len(train_dataset), args.per_device_prompt_batch_size, seed=args.seed,
+            rank=args.dataset_rank, num_replicas=args.dataset_world_size,
+        )
+        self.prompt_batches = batch_iterator(train_dataset, self.prompt_sampler, train_dataset.get_collator())
+        self.ptx_sampler = self.ptx_batches = None
+        if ptx_dataset is not None and args.ptx_coeff > 0:
+            self.ptx_sampler = EpochSampler(
+                len(ptx_dataset), args.per_device_train_batch_size, seed=args.seed + 1,
+                rank=args.dataset_rank, num_replicas=args.dataset_world_size,
+            )
+            self.ptx_batches = batch_iterator(ptx_dataset, self.ptx_sampler, ptx_dataset.get_collator())
+
+        # One stream per data-parallel replica (see RolloutRandomState); single process: args.seed.
+        self.rollout_rng = RolloutRandomState(args.seed + args.dataset_rank)
+        self.state = PPOState()
+        self.tracker = MetricTracker()
+        self.max_steps = self._resolve_max_steps()
+        self.offload = None  # built once the optimizers exist (see `train`)
+        self._gradient_sync: Dict[str, GradientSync] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # What an algorithm defines
+
+    def build_experience(self, scored: Dict[str, paddle.Tensor], prompt_length: int) -> Experience:
+        """The experience of a scored rollout: `scored` has input_ids, attention_mask,
+        old_log_probs, reference_log_probs (with a reference), each critic's old values and
+        reward_scores, all [B, ...] over this rank's rollout."""
+        raise NotImplementedError
+
+    def critic_arguments(self, role: str) -> PPOTrainingArguments:
+        """The Trainer arguments of a critic role (PPO: the `critic_*` overrides)."""
+        return self.args.critic_arguments()
+
+    def extra_scores(self, input_ids, attention_mask, prompt_length: int) -> Dict[str, paddle.Tensor]:
+        """Further per-sequence scores of a rollout chunk the algorithm needs (e.g. a cost model's)."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------
+    # Set-up
+
+    def frozen_models(self) -> List[object]:
+        """Models that are never trained: reference, reward model, rollout copies."""
+        models = [self.reference_model, self.reward_model, *(copy.model for copy in self.rollout_copies.values())]
+        return [model for model in models if model is not None]
+
+    def score_model_reader(self, model, score_tokenizer, prompt_datasets, name: str) -> Optional[SequenceScorer]:
+        """A `SequenceScorer` for a frozen score model (None for no model); it re-tokenises only
+        when the model's vocabulary differs from the actor's."""
+        if model is None:
+            return None
+        if score_tokenizer is not None and tokenizers_match(self.tokenizer, score_tokenizer):
+            score_tokenizer = None
+        object_name = name.replace(" ", "_")
+        return SequenceScorer(
+            model,
+            self.tokenizer,
+            score_tokenizer,
+            self.template,
+            self.stop_token_ids,
+            prompt_datasets,
+            autocast=lambda: self.actor_trainer.autocast_smart_context_manager(),
+            before_use=lambda: self._require(object_name),
+            name=name,
+        )
+
+    def _resolve_max_steps(self) -> int:
+        args = self.args
+        if args.max_steps > 0:
+            return args.max_steps
+        rollouts = int(args.num_train_epochs * self.prompt_sampler.batches_per_epoch)
+        steps = rollouts * args.optimizer_steps_per_rollout
+        if steps < 1:
+            raise ValueError("num_train_epochs gives no optimizer step; raise it or set max_steps")
+        return steps
+
+    @property
+    def trainers(self) -> Dict[str, object]:
+        """role -> PaddleNLP Trainer of every trained model: "actor", then each critic role."""
+        return {"actor": self.actor_trainer, **self.critic_trainers}
+
+    @property
+    def trained_models(self) -> Dict[str, object]:
+        """Output directory name -> trained model ("policy", "value", ...)."""
+        models = {self.OUTPUT_NAMES.get("actor", "actor"): self.actor_model}
+        for role, critic in self.critics.items():
+            models[self.OUTPUT_NAMES.get(role, role)] = critic.model
+        return models
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.args.process_index == 0
+
+    def rollout_model(self, role: str):
+        """The model that plays `role` in rollouts: its rollout copy, else the trained model."""
+        if role in self.rollout_copies:
+            return self.rollout_copies[role].model
+        return self.actor_model if role == "actor" else self.critics[role].model
+
+    def phase_needs(self, phase: str) -> Tuple[str, ...]:
+        """Which offloadable objects each phase uses (see `OffloadManager`); "<role>_rollout_model"
+        is a role's rollout copy, or the trained model itself without one."""
+        roles = list(self.trainers)
+        rollout_models = tuple(f"{role}_rollout_model" for role in roles)
+        trained = tuple(name for role in roles for name in (f"{role}_model", f"{role}_optimizer"))
+        return {
+            "rollout": ("actor_rollout_model",),
+            "score": (*rollout_models, "reference_model", "reward_model", *self.extra_frozen_names()),
+            "train": trained,
+            "eval": ("actor_rollout_model", "reward_model"),
+            "save": trained,
+            "refresh": (*(f"{role}_model" for role in roles), *rollout_models),
+        }[phase]
+
+    def extra_frozen_names(self) -> Tuple[str, ...]:
+        """Offload names of further frozen models the algorithm scores with (e.g. "cost_model")."""
+        return ()
+
+    def offloadable_models(self) -> Dict[str, object]:
+        models = {"actor_model": self.actor_model, "reference_model": self.reference_model, "reward_model": self.reward_model}
+        models.update({f"{role}_model": critic.model for role, critic in self.critics.items()})
+        return models
+
+    def _build_offload_manager(self) -> OffloadManager:
+        movers = {name: layer_movers(model) for name, model in self.offloadable_models().items() if model is not None}
+        for role, trainer in self.trainers.items():
+            movers[f"{role}_optimizer"] = optimizer_movers(trainer.optimizer)
+        for role, copy in self.rollout_copies.items():
+            movers[f"{role}_rollout_model"] = layer_movers(copy.model)
+        args = self.args
+        managed = managed_offload_objects(args.offload_targets, args.sharding, args.offload_optim)
+        return OffloadManager(managed, movers)
+
+    def _object_name(self, name: str) -> str:
+        """Without a rollout copy, the rollout role is played by the trained model itself."""
+        if name.endswith("_rollout_model"):
+            role = name[: -len("_rollout_model")]
+            if role not in self.rollout_copies:
+                return f"{role}_model"
+        return name
+
+    def _enter(self, phase: str) -> None:
+        if self.offload is not None:
+            self.offload.enter(phase, [self._object_name(name) for name in self.phase_needs(phase)])
+
+    def _require(self, *names: str) -> None:
+        if self.offload is not None:  # None until `train` (or a caller) builds the manager
+            self.offload.require(*(self._object_name(name) for name in names))
+
+    def _refresh_rollout_copies(self) -> None:
+        """Before a rollout or evaluation: bring stale copies up to date (same point on all ranks)."""
+        if any(copy.stale for copy in self.rollout_copies.values()):
+            self._enter("refresh")
+            for copy in self.rollout_copies.values():
+                copy.refresh()
+
+    def _wrap_for_training(self, role: str, trainer):
+        model = trainer.model
+        if is_distributed():
+            # PaddleNLP has no public API for "wrap this model for the configured data/sharding/
+            # pipeline parallelism"; `_wrap_model` is what its own loop calls, used here and only here.
+            model = trainer._wrap_model(trainer.model)
+        self._wrapped[role] = model
+        self._gradient_sync[role] = GradientSync(model, recompute=trainer.args.recompute)
+        return model
+
+    # ------------------------------------------------------------------------------------------
+    # Rollout and scoring
+
+    @property
+    def fixed_response_budget(self) -> bool:
+        """Whether every batch gets `max_new_tokens` (else the budget follows the longest prompt)."""
+        return self.max_new_tokens is not None
+
+    def response_budget(self, prompt_batch: PromptBatch, longest_prompt: Optional[int] = None) -> int:
+        """New tokens a batch may generate. With `max_new_tokens` it is that, whatever prompts
+        share the batch. Without it: max_length - `longest_prompt` (default: this batch's padded
+        prompt width); callers pass a length that does not depend on how the prompts are split
+        over processes, so that 1 and N processes give responses the same budget."""
+        if self.fixed_response_budget:
+            if prompt_batch.prompt_length + self.max_new_tokens > self.max_length:
+                raise ValueError(
+                    f"prompts of {prompt_batch.prompt_length} tokens + max_new_tokens={self.max_new_tokens} exceed "
+                    f"max_length={self.max_length}; build the prompt datasets with max_prompt_length <= "
+                    f"{self.max_length - self.max_new_tokens} (ppo.run_ppo does)"
+                )
+            return self.max_new_tokens
+        prompt_length = longest_prompt if longest_prompt is not None else prompt_batch.prompt_length
+        if self.max_length - prompt_length < 1:
+            raise ValueError(
+                f"prompts of {prompt_length} tokens leave no room to generate within max_length={self.max_length}"
+            )
+        return self.max_length - prompt_length
+
+    @paddle.no_grad()
+    def generate(self, prompt_batch: PromptBatch, num_return_sequences: int, longest_prompt: Optional[int] = None) -> RolloutOutput:
+        """Sample `response_budget(prompt_batch, longest_prompt)` new tokens at most per response."""
+        max_new_tokens = self.response_budget(prompt_batch, longest_prompt)
+        self._require("actor_rollout_model")
+        self.rollout_model("actor").eval()
+        with self.rollout_rng.active():
+            return self.engine.generate(
+                prompt_batch.input_ids,
+                prompt_batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_return_sequences,
+                do_sample=True,
+                temperature=self.args.temperature,
+                top_p=self.args.top_p,
+                repetition_penalty=self.args.repetition_penalty,
+            )
+
+    def _token_log_probs(self, model, input_ids, attention_mask, position_ids) -> paddle.Tensor:  # [B, L-1]
+        with self.actor_trainer.autocast_smart_context_manager():
+            logits = logits_of(model(input_ids=input_ids, attention_mask=attention_mask.astype("int64"), position_ids=position_ids))
+        # The same temperature-scaled distribution the rollout sampled from (before top-p).
+        logits = logits[:, :-1].astype("float32") / self.args.temperature
+        return gather_log_probs(logits, input_ids[:, 1:])
+
+    def _token_values(self, model, input_ids, attention_mask, position_ids) -> paddle.Tensor:  # [B, L-1]
+        with self.actor_trainer.autocast_smart_context_manager():
+            values = model(input_ids=input_ids, attention_mask=attention_mask.astype("int64"), position_ids=position_ids).scores
+        return values[:, :-1, 0].astype("float32")
+
+    def reward_scores(self, input_ids, attention_mask, prompt_length: Optional[int] = None, breakdown=None) -> paddle.Tensor:
+        """Rewards [B] of whole sequences (see `ppo.reward_scoring.RewardScorer`)."""
+        return self.reward_scorer(input_ids, attention_mask, prompt_length, breakdown)
+
+    @paddle.no_grad()
+    def score_rollout(self, rollout: RolloutOutput, breakdown: Dict[str, List[float]]) -> Dict[str, paddle.Tensor]:
+        """Every model's rollout-time output, in chunks of `per_device_train_batch_size` rows."""
+        self._enter("score")
+        self._require(*self.phase_needs("score"))
+        for role in self.critics:
+            self.rollout_model(role).eval()
+        chunks = []
+        size = self.args.per_device_train_batch_size
+        for start in range(0, rollout.sequences.shape[0], size):
+            input_ids = rollout.sequences[start : start + size]
+            attention_mask = rollout.attention_mask[start : start + size]
+            position_ids = make_position_ids(attention_mask)
+            chunk = dict(input_ids=input_ids, attention_mask=attention_mask)
+            values = {
+                critic.old_values_field: self._token_values(self.rollout_model(role), input_ids, attention_mask, position_ids)
+                for role, critic in self.critics.items()
+            }
+            chunk["old_log_probs"] = self._token_log_probs(self.rollout_model("actor"), input_ids, attention_mask, position_ids)
+            if self.reference_model is not None:
+                chunk["reference_log_probs"] = self._token_log_probs(self.reference_model, input_ids, attention_mask, position_ids)
+            chunk.update(values)
+            chunk["reward_scores"] = self.reward_scores(input_ids, attention_mask, rollout.prompt_length, breakdown)
+            chunk.update(self.extra_scores(input_ids, attention_mask, rollout.prompt_length))
+            chunks.append(chunk)
+        return {name: paddle.concat([chunk[name] for chunk in chunks], axis=0) for name in chunks[0]}
+
+    @paddle.no_grad()
+    def make_experience(self, prompt_batch: PromptBatch) -> Experience:
+        """Rollout, score with every model, and let the algorithm build the experience."""
+        self._refresh_rollout_copies()
+        self._enter("rollout")
+        # Without max_new_tokens: the longest prompt of the global batch (all replicas), as one
+        # process would see it (every rank takes the same branch: the config is the same).
+        longest_prompt = None if self.fixed_response_budget else int(all_reduce_max(float(prompt_batch.prompt_length)))
+        rollout = self.generate(prompt_batch, self.args.num_return_sequences, longest_prompt)
+        breakdown: Dict[str, List[float]] = {}
+        scored = self.score_rollout(rollout, breakdown)
+        experience = self.build_experience(scored, rollout.prompt_length)
+        self._record_rollout_metrics(experience, breakdown)
+        return experience
+
+    def rollout_metric_sums(self, experience: Experience) -> Dict[str, float]:
+        """Additive statistics of this rank's rollout (see `ppo.metrics.rollout_sums`)."""
+        return rollout_sums(experience, self.args.kl_estimator, with_critic="critic" in self.critics)
+
+    def _record_rollout_metrics(self, experience: Experience, breakdown: Optional[Dict[str, List[float]]] = None) -> None:
+        """Metrics of the global rollout (all replicas), identical on every rank; with reward
+        functions also each one's mean score (train/reward_fn/<name>)."""
+        local = self.rollout_metric_sums(experience)
+        for name, values in (breakdown or {}).items():
+            local[f"reward_fn/{name}"] = float(sum(values))
+        names = sorted(local)
+        sums = dict(zip(names, all_reduce_sum([local[name] for name in names])))
+        metrics = rollout_metrics(sums)
+        for name in breakdown or {}:
+            metrics[f"train/reward_fn/{name}"] = sums[f"reward_fn/{name}"] / max(sums["responses"], 1.0)
+        metrics["train/max_generated_length"] = all_reduce_max(float(response_lengths(experience.action_mask).max()))
+        self.tracker.add({name: value for name, value in metrics.items() if name != "train/max_generated_length"})
+        self.tracker.add_max({"train/max_generated_length": metrics["train/max_generated_length"]})
+        self.state.latest_rollout_metrics = metrics
+
+    # ------------------------------------------------------------------------------------------
+    # Updates
+
+    def role_inputs(self, role: str, experience: Experience, stats: StepStats) -> dict:
+        """What a role's `compute_loss` reads for one micro-batch; the actor also gets the next
+        supervised (ptx) batch when there is a ptx dataset."""
+        inputs = {"experience": experience, "stats": stats}
+        if role == "actor":
+            inputs["ptx_batch"] = next(self.ptx_batches) if self.ptx_batches is not None else None
+        return inputs
+
+    def _update(self, micro_batches: List[Experience], wrapped: Dict[str, object]) -> bool:
+        """One optimizer step of every trained role over accumulated micro-batches.
+        Returns False (and leaves the weights untouched) when a loss was not finite."""
+        self._require(*self.phase_needs("train"))
+        step_stats, losses = [], {}
+        try:
+            for index, experience in enumerate(micro_batches):
+                is_last = index == len(micro_batches) - 1
+                stats = StepStats()
+                for role, trainer in self.trainers.items():
+                    with self._gradient_sync[role].during(is_last):
+                        losses[role] = trainer.training_step(wrapped[role], self.role_inputs(role, experience, stats))
+                step_stats.append(stats.values)
+            if self.args.pipeline_parallel_degree > 1:
+                # PaddleNLP's pipeline path buffers the micro-batches and runs forward and backward
+                # in the last training_step; our loss hooks never run, so check the losses it returns.
+                step_stats = [pipeline_step_stats(losses)]
+            for sync in self._gradient_sync.values():
+                sync.finish()
+        except NonFiniteLossError as error:
+            for trainer in self.trainers.values():
+                trainer.optimizer.clear_grad()
+            self.state.consecutive_nonfinite_steps += 1
+            logger.warning(
+                f"skipped an update at step {self.state.global_step + 1}: {error} "
+                f"({self.state.consecutive_nonfinite_steps} in a row)"
+            )
+            if self.state.consecutive_nonfinite_steps >= self.args.max_consecutive_nonfinite_steps:
+                raise RuntimeError(
+                    f"{self.state.consecutive_nonfinite_steps} consecutive updates had a NaN/inf loss; stopping. "
+                    "Lower the learning rates, check the reward scale (clip_range_score, normalize_reward) "
+                    "or use fp32/bf16 instead of fp16."
+                ) from error
+            return False
+        for trainer in self.trainers.values():
+            optimizer_step(trainer)
+        for copy in self.rollout_copies.values():
+            copy.stale = True
+        self.state.consecutive_nonfinite_steps = 0
+        # Reduced per step so that every rank's tracker (saved by rank 0 in checkpoints) is the same.
+        self.tracker.add({f"train/{name}": value for name, value in reduce_metrics(mean_stats(step_stats)).items()})
+        return True
+
+    def _train_on(self, work: RolloutWork, wrapped: Dict[str, object], progress) -> bool:
+        """Run the optimizer steps of one rollout; returns True when the rollout is used up."""
+        args = self.args
+        micro_batches = work.experience.split(args.per_device_train_batch_size)
+        accumulation = args.gradient_accumulation_steps
+        while work.update_iter < args.update_iters:
+            while work.micro_batch < len(micro_batches):
+                if self.state.global_step >= self.max_steps:
+                    return False
+                self._enter("train")
+                group = micro_batches[work.micro_batch : work.micro_batch + accumulation]
+                stepped = self._update(group, wrapped)
+                work.micro_batch += accumulation
+                if stepped:
+                    self.state.global_step += 1
+                    progress.update(1)
+                    self._after_step(work, progress)
+            work.update_iter, work.micro_batch = work.update_iter + 1, 0
+        return True
+
+    def step_logs(self) -> Dict[str, float]:
+        """The metrics of one log point: the rollout being trained on, the tracked means, the
+        learning rates (`train/actor_lr`, `train/critic_lr`, `train/<role>_lr`)."""
+        # A log window inside one rollout has no new rollout: report the rollout being trained on.
+        logs = {**self.state.latest_rollout_metrics, **self.tracker.pop()}
+        for role, trainer in self.trainers.items():
+            logs[f"train/{role}_lr"] = current_learning_rate(trainer)
+        return logs
+
+    def _after_step(self, work: Optional[RolloutWork], progress) -> None:
+        args, step = self.args, self.state.global_step
+        if step % max(args.logging_steps, 1) == 0 or step == self.max_steps:
+            logs = self.step_logs()
+            self.log(logs)  # already identical on every rank (see _record_rollout_metrics, _update)
+            progress.set_postfix(
+                reward=f"{logs.get('train/reward', float('nan')):.3f}",
+                kl=f"{logs.get('train/kl_divergence', float('nan')):.3f}",
+            )
+        if self.eval_dataset is not None and _is_due(args.evaluation_strategy, args.eval_steps, step):
+            self.log(self.evaluate())
+        if _is_due(args.save_strategy, args.save_steps, step):
+            self.save_checkpoint(work)
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def train(self, resume_from_checkpoint=None) -> Dict[str, float]:
+        args = self.args
+        resume_path = resolve_resume_path(resume_from_checkpoint, args.output_dir)
+        if resume_path and uses_sharding_stage3(args):
+            raise NotImplementedError(
+                "resuming PPO under sharding stage3 is not supported: the saved full weights cannot be written into the "
+                "parameter shards; start a new run from the saved policy/value directories instead"
+            )
+        for trainer in self.trainers.values():
+            trainer.create_optimizer_and_scheduler(num_training_steps=self.max_steps)
+        wrapped = {role: self._wrap_for_training(role, trainer) for role, trainer in self.trainers.items()}
+        self.offload = self._build_offload_manager()
+        work = self.load_checkpoint(resume_path) if resume_path else None
+        if self.is_main_process:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self._truncate_metrics_file()
+
+        self.actor_trainer.state.max_steps = self.max_steps
+        self.actor_trainer.callback_handler.on_train_begin(args, self.actor_trainer.state, self.actor_trainer.control)
+        logger.info(
+            f"{args.rl_algorithm.upper()}: {self.max_steps} optimizer steps, {args.optimizer_steps_per_rollout} per "
+            f"rollout of {args.per_device_prompt_batch_size} prompts x {args.num_return_sequences} responses per device"
+            + (f"; resuming at step {self.state.global_step} from {resume_path}" if resume_path else "")
+        )
+        progress = tqdm(
+            total=self.max_steps, initial=self.state.global_step, desc=args.rl_algorithm.upper(),
+            disable=args.disable_tqdm or not self.is_main_process, dynamic_ncols=True,
+        )
+        start = time.time()
+        while self.state.global_step < self.max_steps:
+            if work is None:
+                prompt_batch = PromptBatch.from_collated(next(self.prompt_batches))
+                work = RolloutWork(self.make_experience(prompt_batch))
+                self.state.rollouts_done += 1
+            if self._train_on(work, wrapped, progress):
+                work = None
+        progress.close()
+        self.save_final_models()
+        self.actor_trainer.callback_handler.on_train_end(args, self.actor_trainer.state, self.actor_trainer.control)
+        if self.is_main_process:
+            self._plot_curves()
+        return {"global_step": self.state.global_step, "train_runtime": time.time() - start}
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation
+
+    @paddle.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Mean reward-model score of the actor's generations on the eval prompts (each
+        data-parallel replica takes its share; means over all of them); a few samples go to
+        output_dir/eval_samples/."""
+        args = self.args
+        self._refresh_rollout_copies()
+        self._enter("eval")
+        dataset = self.eval_dataset
+        indices = list(range(args.dataset_rank, len(dataset), args.dataset_world_size))
+        collate = dataset.get_collator()
+        # One budget for the whole eval set, whatever batches this rank happens to form.
+        longest_prompt = None if self.fixed_response_budget else max(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
+        score_sum, length_sum, samples = 0.0, 0.0, []
+        for start in range(0, len(indices), args.per_device_eval_batch_size):
+            batch = collate([dataset[i] for i in indices[start : start + args.per_device_eval_batch_size]])
+            rollout = self.generate(PromptBatch.from_collated(batch), num_return_sequences=1, longest_prompt=longest_prompt)
+            batch_scores = self.reward_scores(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+            score_sum += float(batch_scores.astype("float64").sum())
+            action_mask = action_mask_from(rollout.attention_mask, rollout.prompt_length)
+            length_sum += float(response_lengths(action_mask).astype("float64").sum())
+            if len(samples) < args.num_eval_samples_to_save:
+                samples.extend(self._decode_samples(rollout, batch_scores))
+        # Tensor/pipeline ranks of one replica repeat its sums; the ratios are unchanged.
+        score_sum, length_sum, count = all_reduce_sum([score_sum, length_sum, float(len(indices))])
+        metrics = {"eval/reward": score_sum / max(count, 1.0), "eval/mean_generated_length": length_sum / max(count, 1.0)}
+        if self.is_main_process:
+            directory = os.path.join(args.output_dir, "eval_samples")
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, f"step-{self.state.global_step}.jsonl"), "w", encoding="utf-8") as f:
+                for sample in samples[: args.num_eval_samples_to_save]:
+                    f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        return metrics
+
+    def _decode_samples(self, rollout: RolloutOutput, scores: paddle.Tensor) -> List[dict]:
+        samples = []
+        prompt_length = rollout.prompt_length
+        for ids, mask, score in zip(rollout.sequences.tolist(), rollout.attention_mask.tolist(), scores.tolist()):
+            prompt = [t for t, keep in zip(ids[:prompt_length], mask[:prompt_length]) if keep]
+            response = [t for t, keep in zip(ids[prompt_length:], mask[prompt_length:]) if keep]
+            samples.append(
+                {
+                    "prompt": decode(self.tokenizer, prompt, skip_special_tokens=True),
+                    "response": decode(self.tokenizer, response, skip_special_tokens=True),
+                    "reward": score,
+                }
+            )
+        return samples
+
+    # ------------------------------------------------------------------------------------------
+    # Logging
+
+    def log(self, logs: Dict[str, float]) -> None:
+        step = self.state.global_step
+        if self.is_main_process:
+            with open(os.path.join(self.args.output_dir, METRICS_FILE), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+            logger.info(f"step {step}: " + ", ".join(f"{name}={value:.4g}" for name, value in sorted(logs.items())))
+        # PaddleNLP's reporting callbacks add the train/ or eval/ namespace themselves.
+        plain = {
+            (f"eval_{name[len('eval/'):]}" if name.startswith("eval/") else name.split("/", 1)[-1]): value
+            for name, value in logs.items()
+        }
+        self.actor_trainer.state.global_step = step
+        self.actor_trainer.log(plain)
+
+    def _truncate_metrics_file(self) -> None:
+        """After a resume, drop lines logged past the checkpoint so the file reads as one run."""
+        path = os.path.join(self.args.output_dir, METRICS_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.state.global_step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+
+    def _plot_curves(self) -> None:
+        path = os.path.join(self.args.output_dir, METRICS_FILE)
+        if os.path.exists(path):
+            plot_training_curves(path, os.path.join(self.args.output_dir, CURVES_FILE))
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save_final_models(self) -> None:
+        """output_dir/policy and output_dir/value: plain model directories for PaddleNLP."""
+        self._enter("save")
+        self._gather_sharded_parameters()
+        for name, model in self.trained_models.items():
+            save_model_dir(model, self.tokenizer, os.path.join(self.args.output_dir, name), self.args)
+
+    def _gather_sharded_parameters(self) -> None:
+        """Sharding stage3 keeps parameter shards; like PaddleNLP's own `save_model`, gather full
+        host copies into the layers' parameters before saving them (collective)."""
+        if uses_sharding_stage3(self.args):
+            for wrapped in self._wrapped.values():
+                wrapped.get_all_parameters(convert2cpu=True)
+
+    def extra_state(self) -> dict:
+        """Algorithm state that must travel with checkpoints (JSON-serialisable)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what `extra_state` returned."""
+
+    def save_checkpoint(self, work: Optional[RolloutWork]) -> str:
+        """Everything needed to continue exactly: models, optimizers, schedulers, RNG, sampler
+        positions, pending experience. Staged in a temporary directory and renamed into place."""
+        args = self.args
+        self._enter("save")
+        self._gather_sharded_parameters()
+        final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}")
+        staging = os.path.join(args.output_dir, f".{CHECKPOINT_PREFIX}{self.state.global_step}.staging")
+        rank = args.process_index
+        if self.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        _barrier()
+        for name, model in self.trained_models.items():
+            save_model_dir(model, self.tokenizer, os.path.join(staging, name), args, atomic=False)
+        for role, trainer in self.trainers.items():
+            paddle.save(
+                portable_optimizer_state(trainer.optimizer, trainer.model),
+                os.path.join(staging, f"{role}_optimizer.rank{rank}.pdopt"),
+            )
+            if self.is_main_process:
+                paddle.save(trainer.lr_scheduler.state_dict(), os.path.join(staging, f"{role}_scheduler.pdparams"))
+        save_rng_state(os.path.join(staging, f"rng_state.rank{rank}.pkl"))
+        with open(os.path.join(staging, f"{ROLLOUT_RNG_NAME}.rank{rank}.pkl"), "wb") as f:
+            pickle.dump(self.rollout_rng.state, f)
+        if work is not None:
+            experience = {f.name: getattr(work.experience, f.name) for f in fields(work.experience)}
+            paddle.save(experience, os.path.join(staging, f"{PENDING_EXPERIENCE_NAME}.rank{rank}"))
+        _barrier()
+        if self.is_main_process:
+            self.state.prompt_sampler = self.prompt_sampler.state
+            if self.ptx_sampler is not None:
+                self.state.ptx_sampler = self.ptx_sampler.state
+            self.state.pending_update_iter = None if work is None else work.update_iter
+            self.state.pending_micro_batch = None if work is None else work.micro_batch
+            self.state.metric_tracker = self.tracker.state_dict()
+            extra = self.extra_state()
+            if extra:
+                with open(os.path.join(staging, ALGORITHM_STATE_NAME), "w", encoding="utf-8") as f:
+                    json.dump(extra, f)
+            # The state file is written last: a directory without it is never resumed from.
+            with open(os.path.join(staging, PPO_STATE_NAME), "w", encoding="utf-8") as f:
+                f.write(self.state.to_json())
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(staging, final)
+            rotate_checkpoints(args.output_dir, args.save_total_limit)
+            logger.info(f"saved checkpoint {final}")
+        _barrier()
+        return final
+
+    def load_checkpoint(self, path: str) -> Optional[RolloutWork]:
+        rank = self.args.process_index
+        with open(os.path.join(path, PPO_STATE_NAME), encoding="utf-8") as f:
+            self.state = PPOState.from_json(f.read())
+        for name, model in self.trained_models.items():
+            load_model_weights(model, os.path.join(path, name))
+        for role, trainer in self.trainers.items():
+            optimizer_file = os.path.join(path, f"{role}_optimizer.rank{rank}.pdopt")
+            if not os.path.exists(optimizer_file):
+                raise FileNotFoundError(
+                    f"{optimizer_file} is missing: the checkpoint was written by a different number of processes"
+                )
+            load_portable_optimizer_state(trainer.optimizer, trainer.model, paddle.load(optimizer_file))
+            trainer.lr_scheduler.set_state_dict(paddle.load(os.path.join(path, f"{role}_scheduler.pdparams")))
+        load_rng_state(os.path.join(path, f"rng_state.rank{rank}.pkl"))
+        with open(os.path.join(path, f"{ROLLOUT_RNG_NAME}.rank{rank}.pkl"), "rb") as f:
+            self.rollout_rng.state = pickle.load(f)  # written by save_checkpoint above
+        for copy in self.rollout_copies.values():
+            copy.stale = True
+        self.prompt_sampler.state = self.state.prompt_sampler
+        if self.ptx_sampler is not None:
+            self.ptx_sampler.state = self.state.ptx_sampler
+        self.tracker.load_state_dict(self.state.metric_tracker)
+        extra_path = os.path.join(path, ALGORITHM_STATE_NAME)
+        if os.path.exists(extra_path):
+            with open(extra_path, encoding="utf-8") as f:
+                self.load_extra_state(json.load(f))
+        if self.state.pending_update_iter is None:
+            return None
+        experience = Experience(**paddle.load(os.path.join(path, f"{PENDING_EXPERIENCE_NAME}.rank{rank}")))
+        return RolloutWork(experience, self.state.pending_update_iter, self.state.pending_micro_batch)
+
+
+def _is_due(strategy, every: Optional[int], step: int) -> bool:
+    return str(getattr(strategy, "value", strategy)) == "steps" and bool(every) and step % every == 0
+
+
+def _barrier() -> None:
+    if is_distributed():
+        dist.barrier()
