@@ -1,5 +1,7 @@
-"""The built-in demo task: its judge, the generated files and scripts/prepare_tiny.sh."""
+"""The built-in demo task: its judge, the generated files (and the safety variant's) and
+scripts/prepare_tiny.sh."""
 
+import hashlib
 import json
 import os
 import random
@@ -10,7 +12,7 @@ import pytest
 
 from ppo.data.safe_rlhf import COLUMNS as SAFE_RLHF_COLUMNS
 from ppo.demo import task
-from ppo.demo.make_data import make_data, parse_sizes
+from ppo.demo.make_data import SAFE_SIZES, make_data, parse_sizes
 from ppo.demo.prepare_tiny import BASE_MODEL, TOKENIZER_VOCAB_SIZE
 
 PKU_COLUMNS = list(SAFE_RLHF_COLUMNS)  # what the PKU-SafeRLHF loader reads
@@ -231,6 +233,103 @@ def test_sizes_are_validated(tmp_path):
         parse_sizes(["sft=-1"])
     with pytest.raises(ValueError, match="only 96 are available"):
         make_data(str(tmp_path), seed=0, sizes={"prompts_test": 97})
+
+
+# SHA-256 of the default files at SMALL_SIZES, seed 0, recorded before the safety variant existed:
+# adding it (and the labelling rules it brought) must not change a byte of the default demo.
+DEFAULT_DATA_SHA256 = {
+    "corpus.txt": "ba1602c30ba498787fc5d0893c75adcabf3166f011a5c73685c40a97eec15b47",
+    "preference/test.jsonl": "da3954fef8d1774134724d2760d6c482488793e27d24852a8b1aa3baf853f307",
+    "preference/train.jsonl": "7a7495440eea21ee6ad899e092d0dbbc37b5f975603315c4c530d8535a790767",
+    "prompts/test.jsonl": "cb72ac35eb194c02f2eae90a3407b360786dfb36b0006aae357c9848bc0bcd72",
+    "prompts/train.jsonl": "885daaf43382d45ff99004bb398fe72c0fff066a61a27d3e80beae62e9274b73",
+    "sft.jsonl": "5d4f824b08774a118c48d96bea110cf6ed8b15c8c10cf5e50a837adeb6275191",
+}
+
+
+def test_default_files_are_unchanged(data_dir):
+    for name, digest in DEFAULT_DATA_SHA256.items():
+        with open(os.path.join(data_dir, name), "rb") as handle:
+            assert hashlib.sha256(handle.read()).hexdigest() == digest, name
+
+
+# ---------------------------------------------------------------- the safety variant
+
+SAFE_SMALL_SIZES = {"preference_train": 400, "preference_test": 100}
+
+
+@pytest.fixture(scope="module")
+def safe_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("demo_safe_data"))
+    make_data(path, seed=0, sizes=SAFE_SMALL_SIZES, variant="safe")
+    return path
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("sure, your kite is red. hope this helps.", 1.0),
+        ("the kite is red. go away.", 1.0),  # rude is as helpful as polite here: only safety differs
+        ("the kite is red.", 0.5),
+        ("the kite is blue. stop asking.", 0.5),
+        ("go away. the kite is red.", 0.5),  # the closing must come last
+        ("the kite is blue.", 0.0),
+    ],
+)
+def test_helpfulness_pays_any_closing(response, expected):
+    assert task.helpfulness(PROMPT, response) == expected
+
+
+def test_safe_variant_writes_only_its_preference_files(safe_dir, tmp_path):
+    written = sorted(os.path.relpath(os.path.join(folder, name), safe_dir) for folder, _, names in os.walk(safe_dir) for name in names)
+    assert written == ["preference/test.jsonl", "preference/train.jsonl"]
+    make_data(str(tmp_path), seed=0, sizes=SAFE_SMALL_SIZES, variant="safe")
+    for name in written:
+        assert (tmp_path / name).read_bytes() == open(os.path.join(safe_dir, name), "rb").read(), name
+    assert parse_sizes(["preference_test=7"], "safe") == {**SAFE_SIZES, "preference_test": 7}
+    with pytest.raises(ValueError, match=r"KEY one of \['preference_test', 'preference_train'\]"):
+        parse_sizes(["sft=5"], "safe")
+    with pytest.raises(ValueError, match="valid variants"):
+        make_data(str(tmp_path), variant="unsafe")
+
+
+def test_safe_variant_labels_follow_helpfulness_and_safety(safe_dir):
+    conflicts = 0
+    for name in ("preference/train.jsonl", "preference/test.jsonl"):
+        for row in read_jsonl(os.path.join(safe_dir, name)):
+            assert list(row) == PKU_COLUMNS
+            responses = [row["response_0"], row["response_1"]]
+            assert all(task.is_well_formed(response) for response in responses)  # the default tokenizer's words
+            scores = [task.helpfulness(row["prompt"], response) for response in responses]
+            better = row["better_response_id"]
+            assert scores[better] > scores[1 - better], row
+            safe = [row["is_response_0_safe"], row["is_response_1_safe"]]
+            assert safe == [task.is_safe(response) for response in responses]
+            assert row["safer_response_id"] == (better if safe[0] == safe[1] else safe.index(True))
+            conflicts += row["safer_response_id"] != better
+    # The pairs where the more helpful answer is the rude one (about a quarter) are what a
+    # reward model alone learns the wrong lesson from, and what the cost model corrects.
+    assert conflicts > 0.15 * sum(SAFE_SMALL_SIZES.values())
+
+
+def test_safe_variant_rewards_rude_closings_over_none(safe_dir):
+    """What makes plain PPO drift towards rude answers: among pairs that differ only in the
+    closing, a rude closing always wins over none, and rude never loses to anything on its
+    closing alone."""
+    rude_over_none = 0
+    for row in read_jsonl(os.path.join(safe_dir, "preference/train.jsonl")):
+        better, worse = row[f"response_{row['better_response_id']}"], row[f"response_{1 - row['better_response_id']}"]
+        if better.split(".")[0] == worse.split(".")[0] and better != worse:  # a closing-only pair
+            assert task.is_emphatic(better) and not task.is_emphatic(worse)
+            rude_over_none += not task.is_safe(better)
+    assert rude_over_none > 0.05 * SAFE_SMALL_SIZES["preference_train"]
+
+
+def test_safe_variant_holds_out_the_default_test_prompts(safe_dir):
+    train_prompts = {p.text for p in task.split_prompts(0)[0]}
+    for name, inside in (("preference/train.jsonl", True), ("preference/test.jsonl", False)):
+        prompts = {row["prompt"] for row in read_jsonl(os.path.join(safe_dir, name))}
+        assert (prompts <= train_prompts) if inside else prompts.isdisjoint(train_prompts), name
 
 
 # ---------------------------------------------------------------- scripts/prepare_tiny.sh

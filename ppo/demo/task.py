@@ -17,6 +17,12 @@ arithmetic. The supervised data mixes good and bad answers, so a policy that imi
 fluent but scores well below 1; a reward model trained on the preferences learns both rules and
 PPO against it can raise the judge score.
 
+A safety variant (opt-in, `make_data --variant safe`) changes only the helpfulness labels:
+`helpfulness` rewards the colour and *any* closing, rude or polite, over none, so a reward model
+trained on them cannot tell rude from polite and plain PPO against it spreads rude closings;
+the safety labels (`is_safe`) still mark every rude answer unsafe, which is what a cost model
+and PPO-Lagrangian learn to avoid.
+
 Rows come out in the upstream schemas (alpaca for SFT, PKU-SafeRLHF for preferences and
 prompts) so the generated files load through the normal dataset registry. Everything is
 deterministic given a `random.Random`.
@@ -27,7 +33,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
 THINGS = (
@@ -138,6 +144,18 @@ def is_safe(response: str) -> bool:
     return not _normalise(response).endswith(RUDE_CLOSINGS)
 
 
+def is_emphatic(response: str) -> bool:
+    """The response ends with a closing of either kind, polite or rude."""
+    return _normalise(response).endswith(POLITE_CLOSINGS + RUDE_CLOSINGS)
+
+
+def helpfulness(prompt: str, response: str) -> float:
+    """The safety variant's helpfulness judge, in [0, 1]: 0.5 for naming exactly the asked-for
+    colour plus 0.5 for ending with any closing (`is_emphatic`): it pays a rude closing as much
+    as a polite one, so only the safety labels tell them apart."""
+    return CORRECTNESS_WEIGHT * is_correct(prompt, response) + POLITENESS_WEIGHT * is_emphatic(response)
+
+
 def _answer_pattern() -> "re.Pattern":
     colour = "(?:" + "|".join(COLOURS) + ")"
     thing = "(?:" + "|".join(THINGS) + ")"
@@ -242,9 +260,33 @@ def best_response(rng: random.Random, prompt: DemoPrompt) -> str:
     return make_response(rng, prompt, correct=True, closing_kind="polite")
 
 
-def minimal_pair(rng: random.Random, prompt: DemoPrompt) -> tuple[str, str]:
+@dataclass(frozen=True)
+class PreferenceRule:
+    """How a preference set is labelled: the score that decides `better_response_id`, and the
+    closing kinds a closing-only minimal pair puts on its preferred and on its other answer."""
+
+    score: Callable[[str, str], float]
+    preferred_closings: tuple
+    other_closings: tuple
+
+
+# The default demo: the judge, polite over none or rude.
+JUDGE_RULE = PreferenceRule(judge, preferred_closings=("polite",), other_closings=("none", "rude"))
+# The safety variant: `helpfulness`, any closing over none. Half of its closing-only pairs are
+# rude-vs-none, where the more helpful answer is the unsafe one: the pairs on which helpfulness
+# and safety disagree.
+HELPFULNESS_RULE = PreferenceRule(helpfulness, preferred_closings=("polite", "rude"), other_closings=("none",))
+
+
+def _pick(rng: random.Random, kinds: tuple) -> str:
+    # A single kind draws nothing, so the default data stays what it was before rules existed.
+    return kinds[0] if len(kinds) == 1 else rng.choice(kinds)
+
+
+def minimal_pair(rng: random.Random, prompt: DemoPrompt, rule: PreferenceRule = JUDGE_RULE) -> tuple[str, str]:
     """Two answers identical but for one rule: the colour (right vs wrong, same closing) or the
-    closing (polite vs none/rude, same colour). Either may come first.
+    closing (one of `rule.preferred_closings` vs one of `rule.other_closings`, same colour).
+    Either may come first.
 
     A pair drawn independently usually differs in wording and in both rules at once, and the
     closing at the end is the easier cue to pick up. Minimal pairs make each rule the only
@@ -259,21 +301,24 @@ def minimal_pair(rng: random.Random, prompt: DemoPrompt) -> tuple[str, str]:
     else:
         colour = prompt.colour if rng.random() < 0.5 else _wrong_colour(rng, prompt)
         body = opener + _fill(template, colour, prompt.thing)
-        pair = [body + _closing(rng, "polite"), body + _closing(rng, rng.choice(("none", "rude")))]
+        preferred = body + _closing(rng, _pick(rng, rule.preferred_closings))
+        pair = [preferred, body + _closing(rng, _pick(rng, rule.other_closings))]
     rng.shuffle(pair)
     return pair[0], pair[1]
 
 
-def sample_preference_pair(rng: random.Random, prompt: DemoPrompt, style: AnswerStyle = PREFERENCE_STYLE) -> tuple[str, str]:
-    """Two answers to `prompt` that the judge scores differently (either may be the better):
+def sample_preference_pair(
+    rng: random.Random, prompt: DemoPrompt, style: AnswerStyle = PREFERENCE_STYLE, rule: PreferenceRule = JUDGE_RULE
+) -> tuple[str, str]:
+    """Two answers to `prompt` that `rule.score` scores differently (either may be the better):
     with probability MINIMAL_PAIR_SHARE a `minimal_pair`, else two independent draws of `style`."""
     if rng.random() < MINIMAL_PAIR_SHARE:
-        return minimal_pair(rng, prompt)
+        return minimal_pair(rng, prompt, rule)
     for _ in range(1000):
         first, second = sample_response(rng, prompt, style), sample_response(rng, prompt, style)
-        if judge(prompt.text, first) != judge(prompt.text, second):
+        if rule.score(prompt.text, first) != rule.score(prompt.text, second):
             return first, second
-    raise RuntimeError(f"style {style} never produced two answers with different judge scores")
+    raise RuntimeError(f"style {style} never produced two answers with different {rule.score.__name__} scores")
 
 
 # ---------------------------------------------------------------- rows in upstream schemas
@@ -284,14 +329,15 @@ def alpaca_row(prompt: str, response: str) -> dict:
     return {"instruction": prompt, "input": "", "output": response}
 
 
-def pku_row(prompt: str, response_0: str, response_1: str) -> dict:
-    """A preference row in the PKU-SafeRLHF schema, labelled by `judge` and `is_safe`.
+def pku_row(prompt: str, response_0: str, response_1: str, score: Callable[[str, str], float] = judge) -> dict:
+    """A preference row in the PKU-SafeRLHF schema, labelled by `score` (`judge`, or
+    `helpfulness` in the safety variant) and `is_safe`.
 
-    `better_response_id` is the answer the judge scores higher (a tie is an error: it carries
-    no preference). `safer_response_id` is the only safe answer if exactly one is safe, else
-    the better one.
+    `better_response_id` is the answer `score` rates higher (a tie is an error: it carries no
+    preference). `safer_response_id` is the only safe answer if exactly one is safe, else the
+    better one.
     """
-    score_0, score_1 = judge(prompt, response_0), judge(prompt, response_1)
+    score_0, score_1 = score(prompt, response_0), score(prompt, response_1)
     if score_0 == score_1:
         raise ValueError(
             f"both responses score {score_0} under the judge, so neither is better: {response_0!r} vs {response_1!r}"
@@ -319,12 +365,15 @@ def sft_rows(rng: random.Random, prompts: Sequence[DemoPrompt], count: int, styl
     return rows
 
 
-def preference_rows(rng: random.Random, prompts: Sequence[DemoPrompt], count: int) -> list[dict]:
-    """`count` PKU rows on prompts drawn with replacement, each a pair the judge separates."""
+def preference_rows(
+    rng: random.Random, prompts: Sequence[DemoPrompt], count: int, rule: PreferenceRule = JUDGE_RULE
+) -> list[dict]:
+    """`count` PKU rows on prompts drawn with replacement, each a pair `rule.score` separates
+    (`HELPFULNESS_RULE`: the safety variant, whose rows train both the reward and the cost model)."""
     rows = []
     for _ in range(count):
         prompt = rng.choice(prompts)
-        rows.append(pku_row(prompt.text, *sample_preference_pair(rng, prompt)))
+        rows.append(pku_row(prompt.text, *sample_preference_pair(rng, prompt, rule=rule), score=rule.score))
     return rows
 
 
