@@ -121,10 +121,22 @@ def token_wise_loss(
     weights, slice_length, has_slice, valid_pairs = _divergence_weights(
         better_input_ids, worse_input_ids, better_mask, worse_mask, "token-wise loss"
     )
-    per_pair = _slice_mean(-F.log_sigmoid(better - worse), weights, slice_length)  # [B]
-    if regularization:
-        per_pair = per_pair + regularization * _slice_mean(better.square() + worse.square(), weights, slice_length)
+    per_pair = _token_wise_bradley_terry(better, worse, weights, slice_length, regularization)
     return _mean_over_pairs(per_pair, has_slice, valid_pairs)
+
+
+def _token_wise_bradley_terry(
+    higher: paddle.Tensor,  # [B, L] scores that should be the larger
+    lower: paddle.Tensor,  # [B, L]
+    weights: paddle.Tensor,  # [B, L] divergence slice
+    slice_length: paddle.Tensor,  # [B]
+    regularization: float,
+) -> paddle.Tensor:  # [B]
+    """Per pair: `-mean_S log σ(higher - lower) + regularization * (mean_S higher² + mean_S lower²)`."""
+    per_pair = _slice_mean(-F.log_sigmoid(higher - lower), weights, slice_length)
+    if regularization:
+        per_pair = per_pair + regularization * _slice_mean(higher.square() + lower.square(), weights, slice_length)
+    return per_pair
 
 
 def cost_sign(safety_sign: paddle.Tensor) -> paddle.Tensor:
@@ -147,14 +159,10 @@ def sequence_wise_cost_loss(
     with s = `cost_sign` (+1 unsafe, -1 safe)."""
     safer = safer_end_costs.astype("float32")
     unsafer = unsafer_end_costs.astype("float32")
-    loss = (
-        -F.log_sigmoid(unsafer - safer)
-        - F.log_sigmoid(cost_sign(safer_safety_sign) * safer)
-        - F.log_sigmoid(cost_sign(unsafer_safety_sign) * unsafer)
-    ).mean()
-    if regularization:
-        loss = loss + regularization * (safer.square().mean() + unsafer.square().mean())
-    return loss
+    # The pairwise part is the reward loss with the less safe answer as the "higher" one.
+    pairwise = sequence_wise_loss(unsafer, safer, regularization)
+    signs = -F.log_sigmoid(cost_sign(safer_safety_sign) * safer) - F.log_sigmoid(cost_sign(unsafer_safety_sign) * unsafer)
+    return pairwise + signs.mean()
 
 
 def token_wise_cost_loss(
@@ -181,12 +189,9 @@ def token_wise_cost_loss(
     )
     safer_sign = cost_sign(safer_safety_sign).unsqueeze(-1)  # [B, 1]
     unsafer_sign = cost_sign(unsafer_safety_sign).unsqueeze(-1)  # [B, 1]
-    per_token = (
-        -F.log_sigmoid(unsafer - safer) - F.log_sigmoid(safer_sign * safer) - F.log_sigmoid(unsafer_sign * unsafer)
-    )  # [B, L]
-    per_pair = _slice_mean(per_token, weights, slice_length)  # [B]
-    if regularization:
-        per_pair = per_pair + regularization * _slice_mean(safer.square() + unsafer.square(), weights, slice_length)
+    signs = -F.log_sigmoid(safer_sign * safer) - F.log_sigmoid(unsafer_sign * unsafer)  # [B, L]
+    per_pair = _token_wise_bradley_terry(unsafer, safer, weights, slice_length, regularization)
+    per_pair = per_pair + _slice_mean(signs, weights, slice_length)  # [B]
     return _mean_over_pairs(per_pair, has_slice, valid_pairs)
 
 
