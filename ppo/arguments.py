@@ -128,7 +128,10 @@ class PPOTrainingArguments(TrainingArguments):
     gae_lambda: float = field(default=0.95, metadata={"help": "λ of GAE."})
     whiten_advantages: bool = field(default=False, metadata={"help": "Normalise advantages to zero mean, unit std."})
     loss_reduction: str = field(
-        default="token-mean", metadata={"help": "Masked reduction of the actor/critic losses: token-mean or seq-mean-token-mean."}
+        default="token-mean",
+        metadata={"help": "Masked reduction of the actor/critic losses: token-mean (per micro-batch, then averaged over "
+                          "accumulation steps and ranks), seq-mean-token-mean, or global-token-mean (every action token "
+                          "of the optimizer step weighs the same, across micro-batches and ranks)."},
     )
     ptx_coeff: float = field(default=16.0, metadata={"help": "Weight of the ptx language-model loss."})
     reward_functions: Optional[List[str]] = field(
@@ -206,9 +209,9 @@ class PPOTrainingArguments(TrainingArguments):
         _check(0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "gamma and gae_lambda must lie in [0, 1]")
         _check(self.ptx_coeff >= 0, "ptx_coeff must be >= 0")
         _check(self.max_consecutive_nonfinite_steps >= 1, "max_consecutive_nonfinite_steps must be >= 1")
-        for name, choices in (("kl_estimator", KLEstimator), ("loss_reduction", Reduction)):
-            allowed = [choice.value for choice in choices]
+        for name, allowed in (("kl_estimator", [choice.value for choice in KLEstimator]), ("loss_reduction", LOSS_REDUCTIONS)):
             _check(getattr(self, name) in allowed, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_pipeline_loss_reduction(self)
         _check(
             self.eval_mode in EVAL_MODES,
             f"eval_mode must be one of {EVAL_MODES}, got {self.eval_mode!r}",
@@ -248,6 +251,12 @@ class PPOTrainingArguments(TrainingArguments):
         return self.kl_coeff > 0 or self.kl_loss_coeff > 0 or self.rl_algorithm == AdvantageEstimator.PPO.value
 
     @property
+    def loss_math_reduction(self) -> str:
+        """The reduction of `ppo.models.ppo_model_utils.masked_mean` each micro-batch loss uses;
+        global-token-mean sums, and the trainer divides by the optimizer step's token count."""
+        return Reduction.TOKEN_SUM.value if self.loss_reduction == GLOBAL_TOKEN_MEAN else self.loss_reduction
+
+    @property
     def offload_targets(self) -> frozenset:
         return frozenset(self.offload_level.split())
 
@@ -266,9 +275,25 @@ class PPOTrainingArguments(TrainingArguments):
         critic.weight_decay = self.critic_weight_decay
         critic.lr_scheduler_type = self.critic_lr_scheduler_type
         critic.warmup_ratio = self.critic_warmup_ratio
+        # PaddleNLP prefers warmup_steps over warmup_ratio: the actor's steps must not override
+        # critic_warmup_ratio.
+        critic.warmup_steps = 0
         critic.recompute = self.critic_recompute
         critic.report_to = []
         return critic
+
+
+GLOBAL_TOKEN_MEAN = "global-token-mean"
+LOSS_REDUCTIONS = [Reduction.TOKEN_MEAN.value, Reduction.SEQ_MEAN_TOKEN_MEAN.value, GLOBAL_TOKEN_MEAN]
+
+
+def check_pipeline_loss_reduction(args) -> None:
+    """The Pipe models' last-stage loss reduces one micro-batch: no global token mean there."""
+    _check(
+        not (args.pipeline_parallel_degree > 1 and args.loss_reduction == GLOBAL_TOKEN_MEAN),
+        f"loss_reduction={GLOBAL_TOKEN_MEAN!r} is not supported under pipeline parallel (the Pipe loss sees one "
+        "micro-batch); use token-mean or seq-mean-token-mean",
+    )
 
 
 def _check(condition: bool, message: str) -> None:

@@ -39,6 +39,34 @@ def model_max_length(model) -> Optional[int]:
     return int(length) if length else None
 
 
+@paddle.no_grad()
+def exclude_nonfinite_rewards(
+    scores: paddle.Tensor,  # [B] total rewards, prompt-major groups of `group_size`
+    attention_mask: paddle.Tensor,  # [B, P+T] bool
+    prompt_length: int,
+    group_size: int = 1,
+) -> Tuple[paddle.Tensor, paddle.Tensor, int]:
+    """(scores, attention_mask, count): responses whose reward is NaN/inf lose their response
+    tokens from the mask, so they have no action token and add nothing to advantages, whitening
+    or losses; their score becomes the mean of the finite scores of their group (0 when none), so
+    a group estimator's baseline of the other responses is unchanged. count: how many."""
+    finite = paddle.isfinite(scores)
+    count = int((~finite).astype("int64").sum())
+    if count == 0:
+        return scores, attention_mask, 0
+    zeros = paddle.zeros_like(scores)
+    finite_scores = paddle.where(finite, scores, zeros).reshape([-1, group_size])
+    finite_counts = finite.astype("float32").reshape([-1, group_size]).sum(axis=1, keepdim=True)
+    group_means = finite_scores.sum(axis=1, keepdim=True) / paddle.clip(finite_counts, min=1.0)
+    replaced = paddle.where(finite, scores, group_means.expand([-1, group_size]).reshape([-1]))
+    keep_response = paddle.concat(
+        [paddle.ones([scores.shape[0], prompt_length], dtype="bool"),
+         finite.unsqueeze(-1).expand([scores.shape[0], attention_mask.shape[1] - prompt_length])],
+        axis=1,
+    )  # fmt: skip
+    return replaced, attention_mask.astype("bool") & keep_response, count
+
+
 class SequenceScorer:
     """End scores [B] of a frozen score model on rollout sequences.
 

@@ -76,7 +76,7 @@ def load_reward_functions(entries: Optional[Sequence[str]], weights: Optional[Se
 def score_responses(
     functions: Sequence[RewardFunction], prompts: Sequence[str], responses: Sequence[str], samples: Sequence[dict]
 ) -> Dict[str, List[float]]:
-    """name -> one finite float per response, in order."""
+    """name -> one float per response, in order (NaN/inf passed through, see the trainer)."""
     scores: Dict[str, List[float]] = {}
     for reward_function in functions:
         values = []
@@ -88,11 +88,8 @@ def score_responses(
                 raise RewardFunctionError(
                     f"reward function {reward_function.entry!r} returned {value!r}, not a number, for response {response!r}"
                 ) from None
-            if not math.isfinite(value):
-                raise RewardFunctionError(
-                    f"reward function {reward_function.entry!r} returned {value} for prompt {prompt!r}, response "
-                    f"{response!r}; reward functions must return finite numbers"
-                )
+            # NaN/inf is kept: the trainer leaves such responses out of the update and counts them
+            # (train/nonfinite_rewards) instead of stopping the run.
             values.append(value)
         scores[reward_function.name] = values
     return scores

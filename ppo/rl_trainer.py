@@ -33,6 +33,7 @@ Under pipeline parallel (and sharding stage3) the trained models cannot generate
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -46,7 +47,7 @@ from paddlenlp.trainer import PrinterCallback, ProgressCallback
 from paddlenlp.utils.log import logger
 from tqdm.auto import tqdm
 
-from ppo.arguments import PPOTrainingArguments
+from ppo.arguments import GLOBAL_TOKEN_MEAN, PPOTrainingArguments
 from ppo.checkpoint import (
     CHECKPOINT_PREFIX,
     PPO_STATE_NAME,
@@ -74,7 +75,7 @@ from ppo.metrics import MetricTracker, mean_stats, rollout_metrics, rollout_sums
 from ppo.model_io import load_model_weights, save_model_dir, tokenizers_match
 from ppo.models.ppo_model_utils import action_mask_from, gather_log_probs, make_position_ids, response_lengths
 from ppo.plotting import plot_training_curves
-from ppo.reward_scoring import RewardScorer, SequenceScorer
+from ppo.reward_scoring import RewardScorer, SequenceScorer, exclude_nonfinite_rewards
 from ppo.rollout_copies import RolloutCopy, check_rollout_copies, uses_sharding_stage3, weight_refresher
 from ppo.sampling import EpochSampler, RolloutRandomState, batch_iterator
 from ppo.tokenizer_io import decode
@@ -95,6 +96,9 @@ CURVES_FILE = "training_curves.png"
 PENDING_EXPERIENCE_NAME = "pending_experience.pdparams"
 ROLLOUT_RNG_NAME = "rollout_rng_state"
 ALGORITHM_STATE_NAME = "algorithm_state.json"
+SCALER_NAME = "{role}_scaler.pdparams"
+RNG_TRACKER_NAME = "model_parallel_rng_tracker.rank{rank}.pkl"
+EVAL_SEED_OFFSET = 1_000_003  # evaluation's sampling stream: seed + this (+ data-parallel rank)
 
 
 @dataclass
@@ -267,6 +271,11 @@ class RLTrainer:
             name=name,
         )
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of one pass over the prompt dataset (its rollouts' updates included)."""
+        return self.prompt_sampler.batches_per_epoch * self.args.optimizer_steps_per_rollout
+
     def _resolve_max_steps(self) -> int:
         args = self.args
         if args.max_steps > 0:
@@ -358,11 +367,10 @@ class RLTrainer:
                 copy.refresh()
 
     def _wrap_for_training(self, role: str, trainer):
-        model = trainer.model
-        if is_distributed():
-            # PaddleNLP has no public API for "wrap this model for the configured data/sharding/
-            # pipeline parallelism"; `_wrap_model` is what its own loop calls, used here and only here.
-            model = trainer._wrap_model(trainer.model)
+        # PaddleNLP has no public API for "wrap this model for the configured AMP (fp16/bf16 O2
+        # decoration, amp_master_grad) and data/sharding/pipeline parallelism"; `_wrap_model` is what
+        # its own loop calls, in one process too, used here and only here.
+        model = trainer._wrap_model(trainer.model)
         self._wrapped[role] = model
         self._gradient_sync[role] = GradientSync(model, recompute=trainer.args.recompute)
         return model
@@ -396,12 +404,19 @@ class RLTrainer:
         return self.max_length - prompt_length
 
     @paddle.no_grad()
-    def generate(self, prompt_batch: PromptBatch, num_return_sequences: int, longest_prompt: Optional[int] = None) -> RolloutOutput:
-        """Sample `response_budget(prompt_batch, longest_prompt)` new tokens at most per response."""
+    def generate(
+        self,
+        prompt_batch: PromptBatch,
+        num_return_sequences: int,
+        longest_prompt: Optional[int] = None,
+        rng: Optional[RolloutRandomState] = None,
+    ) -> RolloutOutput:
+        """Sample `response_budget(prompt_batch, longest_prompt)` new tokens at most per response,
+        drawing from `rng` (default: the rollout stream)."""
         max_new_tokens = self.response_budget(prompt_batch, longest_prompt)
         self._require("actor_rollout_model")
         self.rollout_model("actor").eval()
-        with self.rollout_rng.active():
+        with (rng or self.rollout_rng).active():
             return self.engine.generate(
                 prompt_batch.input_ids,
                 prompt_batch.attention_mask,
@@ -467,23 +482,33 @@ class RLTrainer:
         rollout = self.generate(prompt_batch, self.args.num_return_sequences, longest_prompt)
         breakdown: Dict[str, List[float]] = {}
         scored = self.score_rollout(rollout, breakdown)
+        scored["reward_scores"], scored["attention_mask"], nonfinite = exclude_nonfinite_rewards(
+            scored["reward_scores"], scored["attention_mask"], rollout.prompt_length, self.args.num_return_sequences
+        )
+        if nonfinite:
+            logger.warning(f"{nonfinite} responses of this rollout have a NaN/inf reward: left out of the update")
         experience = self.build_experience(scored, rollout.prompt_length)
-        self._record_rollout_metrics(experience, breakdown)
+        self._record_rollout_metrics(experience, breakdown, nonfinite)
         return experience
 
     def rollout_metric_sums(self, experience: Experience) -> Dict[str, float]:
         """Additive statistics of this rank's rollout (see `ppo.metrics.rollout_sums`)."""
         return rollout_sums(experience, self.args.kl_estimator, with_critic="critic" in self.critics)
 
-    def _record_rollout_metrics(self, experience: Experience, breakdown: Optional[Dict[str, List[float]]] = None) -> None:
+    def _record_rollout_metrics(
+        self, experience: Experience, breakdown: Optional[Dict[str, List[float]]] = None, nonfinite: int = 0
+    ) -> None:
         """Metrics of the global rollout (all replicas), identical on every rank; with reward
-        functions also each one's mean score (train/reward_fn/<name>)."""
+        functions also each one's mean finite score (train/reward_fn/<name>); the count of
+        responses left out for a NaN/inf reward (train/nonfinite_rewards)."""
         local = self.rollout_metric_sums(experience)
+        local["nonfinite_rewards"] = float(nonfinite)
         for name, values in (breakdown or {}).items():
-            local[f"reward_fn/{name}"] = float(sum(values))
+            local[f"reward_fn/{name}"] = float(sum(value for value in values if math.isfinite(value)))
         names = sorted(local)
         sums = dict(zip(names, all_reduce_sum([local[name] for name in names])))
         metrics = rollout_metrics(sums)
+        metrics["train/nonfinite_rewards"] = sums["nonfinite_rewards"]
         for name in breakdown or {}:
             metrics[f"train/reward_fn/{name}"] = sums[f"reward_fn/{name}"] / max(sums["responses"], 1.0)
         metrics["train/max_generated_length"] = all_reduce_max(float(response_lengths(experience.action_mask).max()))
@@ -502,18 +527,32 @@ class RLTrainer:
             inputs["ptx_batch"] = next(self.ptx_batches) if self.ptx_batches is not None else None
         return inputs
 
+    def global_token_scale(self, micro_batches: List[Experience]) -> float:
+        """loss_reduction global-token-mean: each micro-batch's loss is its token sum x this, so that
+        after PaddleNLP's 1/gradient_accumulation_steps and the data-parallel gradient mean over
+        ranks the step's gradient is that of (sum over every action token of the step, all
+        micro-batches and ranks) / (their count). All-rank sums count a replica's tokens once per
+        tensor/pipeline rank, as the world size does, so the ratio holds under hybrid parallel."""
+        local = sum(float(experience.action_mask.astype("float32").sum()) for experience in micro_batches)
+        (tokens,) = all_reduce_sum([local])
+        return self.args.gradient_accumulation_steps * max(self.args.world_size, 1) / max(tokens, 1.0)
+
     def _update(self, micro_batches: List[Experience], wrapped: Dict[str, object]) -> bool:
         """One optimizer step of every trained role over accumulated micro-batches.
         Returns False (and leaves the weights untouched) when a loss was not finite."""
         self._require(*self.phase_needs("train"))
         step_stats, losses = [], {}
+        token_scale = self.global_token_scale(micro_batches) if self.args.loss_reduction == GLOBAL_TOKEN_MEAN else None
         try:
             for index, experience in enumerate(micro_batches):
                 is_last = index == len(micro_batches) - 1
                 stats = StepStats()
                 for role, trainer in self.trainers.items():
+                    inputs = self.role_inputs(role, experience, stats)
+                    if token_scale is not None:
+                        inputs["token_scale"] = token_scale
                     with self._gradient_sync[role].during(is_last):
-                        losses[role] = trainer.training_step(wrapped[role], self.role_inputs(role, experience, stats))
+                        losses[role] = trainer.training_step(wrapped[role], inputs)
                 step_stats.append(stats.values)
             if self.args.pipeline_parallel_degree > 1:
                 # PaddleNLP's pipeline path buffers the micro-batches and runs forward and backward
@@ -583,9 +622,9 @@ class RLTrainer:
                 reward=f"{logs.get('train/reward', float('nan')):.3f}",
                 kl=f"{logs.get('train/kl_divergence', float('nan')):.3f}",
             )
-        if self.eval_dataset is not None and _is_due(args.evaluation_strategy, args.eval_steps, step):
+        if self.eval_dataset is not None and _is_due(args.evaluation_strategy, args.eval_steps, step, self.steps_per_epoch):
             self.log(self.evaluate())
-        if _is_due(args.save_strategy, args.save_steps, step):
+        if _is_due(args.save_strategy, args.save_steps, step, self.steps_per_epoch):
             self.save_checkpoint(work)
 
     # ------------------------------------------------------------------------------------------
@@ -608,6 +647,12 @@ class RLTrainer:
             os.makedirs(args.output_dir, exist_ok=True)
             self._truncate_metrics_file()
 
+        if args.pipeline_parallel_degree > 1:
+            logger.warning(
+                "pipeline parallel: the loss hooks run inside the Pipe model's last stage, so approx_kl, clipfrac, "
+                "entropy, kl_loss and ptx_loss are not logged; train/actor_pipeline_loss is the actor's whole loss "
+                "(ptx_coeff x ptx loss included)"
+            )
         self.actor_trainer.state.max_steps = self.max_steps
         self.actor_trainer.callback_handler.on_train_begin(args, self.actor_trainer.state, self.actor_trainer.control)
         logger.info(
@@ -650,10 +695,16 @@ class RLTrainer:
         collate = dataset.get_collator()
         # One budget for the whole eval set, whatever batches this rank happens to form.
         longest_prompt = None if self.fixed_response_budget else max(len(dataset[i]["input_ids"]) for i in range(len(dataset)))
+        # Its own stream, the same at every evaluation: evaluating never moves the rollout stream
+        # (turning evaluation on or changing eval_steps leaves training unchanged), and two
+        # evaluations differ only by the policy.
+        rng = RolloutRandomState(args.seed + EVAL_SEED_OFFSET + args.dataset_rank)
         score_sum, length_sum, samples = 0.0, 0.0, []
         for start in range(0, len(indices), args.per_device_eval_batch_size):
             batch = collate([dataset[i] for i in indices[start : start + args.per_device_eval_batch_size]])
-            rollout = self.generate(PromptBatch.from_collated(batch), num_return_sequences=1, longest_prompt=longest_prompt)
+            rollout = self.generate(
+                PromptBatch.from_collated(batch), num_return_sequences=1, longest_prompt=longest_prompt, rng=rng
+            )
             batch_scores = self.reward_scores(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
             score_sum += float(batch_scores.astype("float64").sum())
             action_mask = action_mask_from(rollout.attention_mask, rollout.prompt_length)
@@ -764,7 +815,13 @@ class RLTrainer:
             )
             if self.is_main_process:
                 paddle.save(trainer.lr_scheduler.state_dict(), os.path.join(staging, f"{role}_scheduler.pdparams"))
+            if trainer.do_grad_scaling:  # fp16: the loss scale and its growth counters
+                paddle.save(trainer.scaler.state_dict(), os.path.join(staging, SCALER_NAME.format(role=role) + f".rank{rank}"))
         save_rng_state(os.path.join(staging, f"rng_state.rank{rank}.pkl"))
+        tracker_states = model_parallel_rng_tracker().get_states_tracker()
+        if tracker_states:  # tensor-parallel dropout streams
+            with open(os.path.join(staging, RNG_TRACKER_NAME.format(rank=rank)), "wb") as f:
+                pickle.dump(tracker_states, f)
         with open(os.path.join(staging, f"{ROLLOUT_RNG_NAME}.rank{rank}.pkl"), "wb") as f:
             pickle.dump(self.rollout_rng.state, f)
         if work is not None:
@@ -806,7 +863,14 @@ class RLTrainer:
                 )
             load_portable_optimizer_state(trainer.optimizer, trainer.model, paddle.load(optimizer_file))
             trainer.lr_scheduler.set_state_dict(paddle.load(os.path.join(path, f"{role}_scheduler.pdparams")))
+            scaler_file = os.path.join(path, SCALER_NAME.format(role=role) + f".rank{rank}")
+            if trainer.do_grad_scaling and os.path.exists(scaler_file):
+                trainer.scaler.load_state_dict(paddle.load(scaler_file))
         load_rng_state(os.path.join(path, f"rng_state.rank{rank}.pkl"))
+        tracker_file = os.path.join(path, RNG_TRACKER_NAME.format(rank=rank))
+        if os.path.exists(tracker_file):
+            with open(tracker_file, "rb") as f:
+                model_parallel_rng_tracker().set_states_tracker(pickle.load(f))
         with open(os.path.join(path, f"{ROLLOUT_RNG_NAME}.rank{rank}.pkl"), "rb") as f:
             self.rollout_rng.state = pickle.load(f)  # written by save_checkpoint above
         for copy in self.rollout_copies.values():
@@ -825,8 +889,20 @@ class RLTrainer:
         return RolloutWork(experience, self.state.pending_update_iter, self.state.pending_micro_batch)
 
 
-def _is_due(strategy, every: Optional[int], step: int) -> bool:
-    return str(getattr(strategy, "value", strategy)) == "steps" and bool(every) and step % every == 0
+def _is_due(strategy, every: Optional[int], step: int, steps_per_epoch: int) -> bool:
+    """Whether a "steps" (every `every` steps) or "epoch" (at the end of each pass over the prompt
+    dataset) strategy fires after optimizer step `step`."""
+    strategy = str(getattr(strategy, "value", strategy))
+    if strategy == "epoch":
+        return step % steps_per_epoch == 0
+    return strategy == "steps" and bool(every) and step % every == 0
+
+
+def model_parallel_rng_tracker():
+    """Fleet's tracker of the tensor-parallel RNG streams (dropout inside model-parallel layers)."""
+    from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
+
+    return get_rng_state_tracker()
 
 
 def _barrier() -> None:

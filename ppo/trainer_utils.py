@@ -62,13 +62,14 @@ class PolicyTrainer(Trainer):
         logits = logits[:, :-1].astype("float32") / args.temperature
         log_probs = gather_log_probs(logits, experience.input_ids[:, 1:])  # [B, L-1]
         mask = experience.action_mask
-        loss = actor_clipped_loss(
+        token_scale = inputs.get("token_scale", 1.0)  # global-token-mean: step token count (see RLTrainer._update)
+        loss = token_scale * actor_clipped_loss(
             log_probs,
             experience.old_log_probs,
             experience.advantages,
             mask,
             args.clip_range_ratio_low,
-            reduction=args.loss_reduction,
+            reduction=args.loss_math_reduction,
             clip_range_ratio_high=args.clip_range_ratio_high,
         )
         with paddle.no_grad():
@@ -82,8 +83,8 @@ class PolicyTrainer(Trainer):
             stats.values["entropy"] = float(entropy_from_logits(logits, mask))
         if args.kl_loss_coeff > 0:
             # GRPO-style: KL(π || π_ref) as a loss term (k3, unbiased and ≥ 0) instead of in the reward.
-            kl_loss = masked_mean(
-                kl_divergence_per_token(log_probs, experience.reference_log_probs, "k3"), mask, args.loss_reduction
+            kl_loss = token_scale * masked_mean(
+                kl_divergence_per_token(log_probs, experience.reference_log_probs, "k3"), mask, args.loss_math_reduction
             )
             stats.values["kl_loss"] = float(kl_loss)
             loss = loss + args.kl_loss_coeff * kl_loss
@@ -110,13 +111,13 @@ class ValueTrainer(Trainer):
             attention_mask=experience.attention_mask.astype("int64"),
             position_ids=experience.position_ids,
         ).scores[:, :-1, 0].astype("float32")
-        loss = critic_clipped_loss(
+        loss = inputs.get("token_scale", 1.0) * critic_clipped_loss(
             values,
             experience.old_values,
             experience.returns,
             experience.action_mask,
             self.args.clip_range_value,
-            reduction=self.args.loss_reduction,
+            reduction=self.args.loss_math_reduction,
         )
         stats.values["reward_critic_loss"] = float(loss)
         _raise_if_nonfinite(loss)
@@ -161,6 +162,11 @@ def optimizer_step(trainer: Trainer) -> None:
     PaddleNLP's own loop does for the plain, AMP-scaled and fleet-wrapped optimizers (fleet's
     `HybridParallelOptimizer.step` reduces sharded / data-parallel gradients itself)."""
     optimizer = trainer.optimizer
+    accumulation = trainer.args.gradient_accumulation_steps
+    if accumulation > 1 and trainer._enable_delay_scale_loss():
+        # With `enable_delay_scale_loss` (tensor/pipeline_parallel_config) PaddleNLP's training_step
+        # leaves the loss undivided and its own loop rescales the gradients before stepping.
+        scale_gradients(trainer.model, 1.0 / accumulation)
     stepped = True
     if trainer.do_grad_scaling:
         trainer.scaler.step(optimizer)
@@ -172,6 +178,17 @@ def optimizer_step(trainer: Trainer) -> None:
         trainer.lr_scheduler.step()
     # release_grads frees the gradient memory between steps instead of zeroing it.
     optimizer.clear_grad(set_to_zero=not trainer.args.release_grads)
+
+
+@paddle.no_grad()
+def scale_gradients(model, factor: float) -> None:
+    """Multiply every accumulated gradient (`main_grad` under amp_master_grad) by `factor` in place."""
+    for parameter in model.parameters():
+        main_grad = getattr(parameter, "main_grad", None)
+        if main_grad is not None:
+            main_grad.scale_(factor)
+        elif parameter.grad is not None:
+            parameter.grad.scale_(factor)
 
 
 def current_learning_rate(trainer: Trainer) -> float:

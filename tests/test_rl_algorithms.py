@@ -131,16 +131,17 @@ def test_reward_function_is_added_to_the_reward_model_with_weights(ppo_assets, t
     np.testing.assert_allclose(total.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_non_finite_reward_function_names_itself(ppo_assets, tmp_path):
-    from ppo.rewards import RewardFunctionError
-
+def test_a_reward_function_returning_nan_everywhere_leaves_every_response_out(ppo_assets, tmp_path):
     rules = tmp_path / "nan_rules.py"
     rules.write_text(RULES)
-    with pytest.raises(RewardFunctionError, match="not_a_number.*finite"):
-        run(
-            ppo_assets, tmp_path / "out", model_overrides=dict(reward_model_name_or_path=None),
-            rl_algorithm="grpo", reward_functions=[f"{rules}:not_a_number"], reward_model_weight=0.0, **GROUP,
-        )  # fmt: skip
+    trainer = run(
+        ppo_assets, tmp_path / "out", model_overrides=dict(reward_model_name_or_path=None),
+        rl_algorithm="grpo", reward_functions=[f"{rules}:not_a_number"], reward_model_weight=0.0, **GROUP,
+    )  # fmt: skip
+    rows = [row for row in read_metrics(tmp_path / "out") if "train/reward" in row]
+    responses = trainer.args.per_device_prompt_batch_size * GROUP["num_return_sequences"]
+    assert [row["train/nonfinite_rewards"] for row in rows] == [responses] * len(rows)
+    assert all(np.isfinite(parameter.numpy()).all() for parameter in trainer.actor_model.parameters())
 
 
 @pytest.mark.parametrize(

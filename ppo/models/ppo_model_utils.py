@@ -177,10 +177,13 @@ class Reduction(str, Enum):
     TOKEN_MEAN: every valid token weighs the same (long responses weigh more in the batch).
     SEQ_MEAN_TOKEN_MEAN: mean over sequences of each sequence's token mean (every sequence weighs
     the same); sequences with no valid token are left out of the outer mean.
+    TOKEN_SUM: the sum over valid tokens; the trainer divides it by the token count of the whole
+    optimizer step (all micro-batches, all ranks) to get the global token mean.
     """
 
     TOKEN_MEAN = "token-mean"
     SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
+    TOKEN_SUM = "token-sum"
 
 
 def masked_sum(
@@ -214,9 +217,12 @@ def masked_mean(
     token-mean:          sum(x·m) / max(sum(m), 1)
     seq-mean-token-mean: sum_b[n_b > 0]·mean_b / max(#{b: n_b > 0}, 1),
                          mean_b = sum_t(x·m)_b / n_b, n_b = sum_t m_b
-    Both are 0 when the mask selects nothing.
+    token-sum:           sum(x·m)
+    All are 0 when the mask selects nothing.
     """
     reduction = _parse_choice(Reduction, reduction, "reduction")
+    if reduction is Reduction.TOKEN_SUM:
+        return masked_sum(x, mask)
     if reduction is Reduction.TOKEN_MEAN:
         count = _as_bool(mask).astype("float32").sum()
         return masked_sum(x, mask) / paddle.clip(count, min=1.0)
