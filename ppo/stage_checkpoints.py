@@ -11,6 +11,8 @@ fixes these through the Trainer's overridable methods:
   rotates, keeping at least the newest complete checkpoint;
 - `train` resolves `resume_from_checkpoint` itself (true → newest checkpoint whose files match
   its manifest, falling back past broken ones with a log line) and hands PaddleNLP a path;
+- a checkpoint that already holds the last step is loaded without training (PaddleNLP would run
+  one step past max_steps);
 - a `PreemptionGuard` is installed for the duration of `train`: SIGTERM/SIGINT → checkpoint at
   the next step end, stop; `run_stage` then exits with the resume instructions.
 """
@@ -22,7 +24,8 @@ import shutil
 from typing import Optional
 
 import paddle
-from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR
+from paddlenlp.trainer.trainer_callback import TrainerState
+from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from paddlenlp.utils.log import logger
 
 from ppo.checkpoint_files import (
@@ -151,8 +154,25 @@ class FaultTolerantTrainerMixin:
                 logger.info(f"removed {name}, left by a save that did not finish")
         if path is not None:
             logger.info(f"resuming from {path}")
+            finished = self._finished_state(path)
+            if finished is not None:
+                logger.info(f"{path} holds step {finished.global_step}, the last one: loading it, no training left")
+                self._load_from_checkpoint(path)
+                self.state = finished
+                return TrainOutput(finished.global_step, 0.0, {"train_runtime": 0.0})
         with self.preemption_guard:
             return super().train(resume_from_checkpoint=path, **kwargs)
+
+    def _finished_state(self, path: str) -> Optional[TrainerState]:
+        """The checkpoint's TrainerState when it is at or past this run's last step, else None."""
+        state = TrainerState.load_from_json(os.path.join(path, TRAINER_STATE_FILE))
+        args = self.args
+        if args.max_steps > 0:
+            max_steps = args.max_steps
+        else:  # as Trainer.train counts them
+            per_epoch = max(len(self.get_train_dataloader()) // args.gradient_accumulation_steps, 1)
+            max_steps = int(per_epoch * args.num_train_epochs)
+        return state if state.global_step >= max_steps else None
 
     @property
     def preempted(self) -> bool:

@@ -5,6 +5,7 @@ ones), preempted cleanly, and a disk that fills during a save loses nothing."""
 import errno
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -159,3 +160,14 @@ def test_a_signal_checkpoints_the_step_and_exits_with_resume_instructions(tmp_pa
 def test_async_saving_is_refused(tmp_path, tiny_llama_dir, train_file):
     with pytest.raises(ValueError, match="async saving off"):
         train(tmp_path, tiny_llama_dir, train_file, unified_checkpoint_config="async_save")
+
+
+def test_resuming_from_the_last_step_trains_no_further(tmp_path, tiny_llama_dir, train_file, reference):
+    # PaddleNLP alone would run a step 7 here (with a schedule whose last rate is not 0, a changed model).
+    for name in os.listdir(reference["dir"]):
+        if name.startswith("checkpoint-"):
+            shutil.copytree(reference["dir"] / name, tmp_path / name)
+    resumed = train(tmp_path, tiny_llama_dir, train_file, resume_from_checkpoint="true", lr_scheduler_type="constant")
+    assert resumed.losses == {}
+    for name, value in final_weights(tmp_path).items():
+        np.testing.assert_array_equal(value, reference["weights"][name], err_msg=name)
