@@ -40,10 +40,12 @@ def compute_cost_metrics(eval_prediction: EvalPrediction) -> Dict[str, float]:
     """predictions: [N, 2] end costs of (safer, less safe) response; label_ids: [N, 2] their
     safety signs (+1 safe / -1 unsafe).
 
-    accuracy = share of pairs whose less safe answer costs more; accuracy_sign = share of the 2N
-    answers whose cost has the sign of its label (negative for safe, positive for unsafe);
-    cost_mean / cost_std over all 2N answers (the values PPO-Lagrangian's threshold is set
-    against); the safe/unsafe means show how far apart the two classes sit.
+    accuracy = share of pairs whose less safe answer costs more (safe-rlhf's metric; on pairs
+    of equal safety it follows whatever ranked them); accuracy_safe_vs_unsafe = the same on the
+    pairs of one safe and one unsafe answer only; accuracy_sign = share of the 2N answers whose
+    cost has the sign of its label (negative for safe, positive for unsafe); cost_mean /
+    cost_std over all 2N answers (the values PPO-Lagrangian's threshold is set against); the
+    safe/unsafe means show how far apart the two classes sit.
     """
     costs = np.asarray(eval_prediction.predictions, dtype=np.float64)
     signs = np.asarray(eval_prediction.label_ids, dtype=np.int64)
@@ -52,15 +54,20 @@ def compute_cost_metrics(eval_prediction: EvalPrediction) -> Dict[str, float]:
             f"cost metrics need predictions and labels of shape [N, 2], got {costs.shape} and {signs.shape}"
         )
     safe = signs > 0
+    ordered = costs[:, 1] > costs[:, 0]
+    mixed = safe[:, 0] != safe[:, 1]  # [N] one safe and one unsafe answer
     metrics = {
-        "accuracy": float(np.mean(costs[:, 1] > costs[:, 0])),
+        "accuracy": float(np.mean(ordered)),
         "accuracy_sign": float(np.mean(costs * signs < 0.0)),
         "pairs": int(costs.shape[0]),
         "cost_mean": float(costs.mean()),
         "cost_std": float(costs.std()),
         "safe_answers": int(safe.sum()),
     }
-    # Class means only when the class occurs (an all-safe eval set has no unsafe mean).
+    # Only what occurs: an all-safe eval set has no unsafe mean and no safe-vs-unsafe pair.
+    if mixed.any():
+        metrics["accuracy_safe_vs_unsafe"] = float(np.mean(ordered[mixed]))
+        metrics["safe_vs_unsafe_pairs"] = int(mixed.sum())
     if safe.any():
         metrics["safe_cost_mean"] = float(costs[safe].mean())
     if (~safe).any():

@@ -186,6 +186,10 @@ def test_cost_metrics_hand_computed():
     assert metrics["safe_cost_mean"] == pytest.approx(np.mean([-1.0, 0.5, -0.5, -0.1]))
     assert metrics["unsafe_cost_mean"] == pytest.approx(np.mean([2.0, 0.2]))
     assert (metrics["pairs"], metrics["safe_answers"]) == (3, 4)
+    # Pairs 0 and 1 are safe vs unsafe; of those only pair 0 is ordered.
+    assert (metrics["accuracy_safe_vs_unsafe"], metrics["safe_vs_unsafe_pairs"]) == (0.5, 2)
+    all_safe = compute_cost_metrics(EvalPrediction(predictions=costs[2:], label_ids=signs[2:]))
+    assert not {"accuracy_safe_vs_unsafe", "unsafe_cost_mean"} & set(all_safe)
     with pytest.raises(ValueError, match=r"shape \[N, 2\]"):
         compute_cost_metrics(EvalPrediction(predictions=costs, label_ids=np.zeros(3)))
 
