@@ -55,10 +55,12 @@ from ppo.checkpoint import (
     load_portable_optimizer_state,
     load_rng_state,
     portable_optimizer_state,
+    publish_checkpoint,
     resolve_resume_path,
     rotate_checkpoints,
     save_rng_state,
 )
+from ppo.checkpoint_files import remove_stale_staging, staging_dir
 from ppo.comm_utils import (
     OffloadManager,
     all_reduce_max,
@@ -75,6 +77,7 @@ from ppo.metrics import MetricTracker, mean_stats, rollout_metrics, rollout_sums
 from ppo.model_io import load_model_weights, save_model_dir, tokenizers_match
 from ppo.models.ppo_model_utils import action_mask_from, gather_log_probs, make_position_ids, response_lengths
 from ppo.plotting import plot_training_curves
+from ppo.preemption import PreemptionGuard
 from ppo.reward_scoring import RewardScorer, SequenceScorer, exclude_nonfinite_rewards
 from ppo.rollout_copies import RolloutCopy, check_rollout_copies, uses_sharding_stage3, weight_refresher
 from ppo.sampling import EpochSampler, RolloutRandomState, batch_iterator
@@ -225,6 +228,10 @@ class RLTrainer:
         self.max_steps = self._resolve_max_steps()
         self.offload = None  # built once the optimizers exist (see `train`)
         self._gradient_sync: Dict[str, GradientSync] = {}
+        self._preemption: Optional[PreemptionGuard] = None  # installed while `train` runs
+        self._stop_requested = False
+        self._preempted_checkpoint: Optional[str] = None
+        self._saved_step: Optional[int] = None
 
     # ------------------------------------------------------------------------------------------
     # What an algorithm defines
@@ -601,7 +608,20 @@ class RLTrainer:
                     self.state.global_step += 1
                     progress.update(1)
                     self._after_step(work, progress)
+                    if self._preemption_due(work):
+                        return False
             work.update_iter, work.micro_batch = work.update_iter + 1, 0
+        return True
+
+    def _preemption_due(self, work: RolloutWork) -> bool:
+        """After an optimizer step: on SIGTERM/SIGINT (any rank), checkpoint this step and stop."""
+        guard = self._preemption
+        if guard is None or not guard.should_stop(self.args.world_size):
+            return False
+        self._stop_requested = True
+        final = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}")
+        # The step may have been saved by save_strategy already; else save it now.
+        self._preempted_checkpoint = final if os.path.isdir(final) and self._saved_step == self.state.global_step else self.save_checkpoint(work)
         return True
 
     def step_logs(self) -> Dict[str, float]:
@@ -645,6 +665,8 @@ class RLTrainer:
         work = self.load_checkpoint(resume_path) if resume_path else None
         if self.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
+            for name in remove_stale_staging(args.output_dir):
+                logger.info(f"removed {name}, left by a run that stopped while saving")
             self._truncate_metrics_file()
 
         if args.pipeline_parallel_degree > 1:
@@ -665,14 +687,21 @@ class RLTrainer:
             disable=args.disable_tqdm or not self.is_main_process, dynamic_ncols=True,
         )
         start = time.time()
-        while self.state.global_step < self.max_steps:
-            if work is None:
-                prompt_batch = PromptBatch.from_collated(next(self.prompt_batches))
-                work = RolloutWork(self.make_experience(prompt_batch))
-                self.state.rollouts_done += 1
-            if self._train_on(work, wrapped, progress):
-                work = None
+        with PreemptionGuard() as guard:
+            self._preemption = guard
+            while self.state.global_step < self.max_steps and not self._stop_requested:
+                if work is None:
+                    prompt_batch = PromptBatch.from_collated(next(self.prompt_batches))
+                    work = RolloutWork(self.make_experience(prompt_batch))
+                    self.state.rollouts_done += 1
+                if self._train_on(work, wrapped, progress):
+                    work = None
+        self._preemption = None
         progress.close()
+        if self._stop_requested:
+            # SIGTERM / SIGINT: the checkpoint of the step just finished is written; no final models.
+            logger.warning(guard.resume_message(self.state.global_step, self._preempted_checkpoint))
+            raise SystemExit(guard.exit_code)
         self.save_final_models()
         self.actor_trainer.callback_handler.on_train_end(args, self.actor_trainer.state, self.actor_trainer.control)
         if self.is_main_process:
@@ -800,7 +829,7 @@ class RLTrainer:
         self._enter("save")
         self._gather_sharded_parameters()
         final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{self.state.global_step}")
-        staging = os.path.join(args.output_dir, f".{CHECKPOINT_PREFIX}{self.state.global_step}.staging")
+        staging = staging_dir(args.output_dir, self.state.global_step)
         rank = args.process_index
         if self.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
@@ -839,14 +868,15 @@ class RLTrainer:
             if extra:
                 with open(os.path.join(staging, ALGORITHM_STATE_NAME), "w", encoding="utf-8") as f:
                     json.dump(extra, f)
-            # The state file is written last: a directory without it is never resumed from.
             with open(os.path.join(staging, PPO_STATE_NAME), "w", encoding="utf-8") as f:
                 f.write(self.state.to_json())
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(staging, final)
+            # Manifest (sizes, checksums) last, then one rename: resume verifies it and never picks a
+            # half-written or damaged checkpoint; rotation runs only once the new one is in place.
+            publish_checkpoint(staging, final)
             rotate_checkpoints(args.output_dir, args.save_total_limit)
             logger.info(f"saved checkpoint {final}")
         _barrier()
+        self._saved_step = self.state.global_step
         return final
 
     def load_checkpoint(self, path: str) -> Optional[RolloutWork]:

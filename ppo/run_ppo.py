@@ -43,6 +43,7 @@ from ppo.models.parallel_utils import (  # noqa: E402
     eval_model_config,
 )
 from ppo.ppo_trainer import PPOTrainer  # noqa: E402
+from ppo.preflight import check_training_output_dir  # noqa: E402
 from ppo.stage import model_dtype  # noqa: E402
 
 
@@ -161,7 +162,17 @@ def _empty_model(model_class, config):
     return model_class.from_config(config, dtype=config.dtype)
 
 
+def check_ppo_output_dir(model_args: PPOModelArguments, training_args: PPOTrainingArguments) -> None:
+    """An unwritable or too full output_dir is refused before any model is converted or loaded."""
+    trained = [model_args.actor_model_name_or_path]
+    if training_args.uses_critic:
+        trained.append(model_args.reward_critic_model_name_or_path or model_args.reward_model_name_or_path)
+    saves = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
+    check_training_output_dir(training_args.output_dir, [path for path in trained if path], model_dtype(training_args), saves)
+
+
 def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, training_args: PPOTrainingArguments):
+    check_ppo_output_dir(model_args, training_args)
     paddle.seed(training_args.seed)
     # Hugging Face directories and GGUF files → cached Paddle directories (every rank may call this).
     model_fields = ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path")

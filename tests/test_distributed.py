@@ -605,8 +605,8 @@ def test_ppo_rank0_alone_logs_and_writes_and_frozen_models_stay_untouched(runs, 
     checkpoint = runs.outputs["ppo", mode] / "checkpoint-2"
     per_rank = {f"{kind}.rank{r}{ext}" for r in range(PROCESSES) for kind, ext in (
         ("actor_optimizer", ".pdopt"), ("critic_optimizer", ".pdopt"), ("rng_state", ".pkl"),
-        ("rollout_rng_state", ".pkl"), ("pending_experience.pdparams", ""))}
-    shared = {"ppo_state.json", "policy", "value", "actor_scheduler.pdparams", "critic_scheduler.pdparams"}
+        ("rollout_rng_state", ".pkl"), ("pending_experience.pdparams", ""), ("model_parallel_rng_tracker", ".pkl"))}
+    shared = {"ppo_state.json", "checkpoint_manifest.json", "policy", "value", "actor_scheduler.pdparams", "critic_scheduler.pdparams"}
     assert set(os.listdir(checkpoint)) == per_rank | shared
     leftovers = [name for name in os.listdir(runs.outputs["ppo", mode]) if name.startswith(".")]
     assert not leftovers, leftovers

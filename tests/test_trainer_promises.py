@@ -280,3 +280,45 @@ def test_retokenised_sequences_longer_than_the_score_model_keep_their_end(two_to
     full = [score.bos_token_id] + score(text, add_special_tokens=False)["input_ids"] + [score.eos_token_id]
     assert rows.shape == [2, 6] and rows.numpy().tolist()[0] == full[-6:]
     assert scorer.truncated == 2
+
+
+# ---------------------------------------------------------------- preemption and preflight
+
+
+def test_sigterm_checkpoints_the_step_and_exits_with_the_resume_hint(ppo_assets, tmp_path, caplog):
+    import signal
+
+    output = tmp_path / "out"
+    trainer = build_trainer(*make_arguments(ppo_assets, output, max_steps=4))
+    step = trainer._after_step
+
+    def signal_after_step_two(work, progress):
+        step(work, progress)
+        if trainer.state.global_step == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    trainer._after_step = signal_after_step_two
+    with pytest.raises(SystemExit) as stopped:
+        trainer.train()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert not os.path.exists(output / "policy")  # no final model from an unfinished run
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = run(ppo_assets, output, resume=True, max_steps=4)
+    uninterrupted = run(ppo_assets, tmp_path / "reference", max_steps=4)
+    assert resumed.state.global_step == 4
+    assert read_metrics(output) == read_metrics(tmp_path / "reference")
+    del uninterrupted
+
+
+def test_unwritable_output_dir_is_refused_before_models_load(ppo_assets, tmp_path, monkeypatch):
+    from ppo import run_ppo
+    from ppo.preflight import OutputDirError
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output directory should be")
+    loaded = []
+    monkeypatch.setattr(run_ppo, "build_models", lambda *a, **k: loaded.append(1))
+    with pytest.raises(OutputDirError, match="cannot be created"):
+        build_trainer(*make_arguments(ppo_assets, blocked / "out"))
+    assert not loaded
