@@ -16,6 +16,7 @@ from paddlenlp.trainer import TrainingArguments
 from ppo.data.arguments import ConversationDataArguments
 from ppo.data.truncation import check_max_prompt_length
 from ppo.models.advantages import AdvantageEstimator, EstimatorSpec, advantage_estimator
+from ppo.models.lagrangian import LagrangianArguments
 from ppo.models.ppo_model_utils import KLEstimator, Reduction
 from ppo.rewards import load_reward_functions
 
@@ -37,10 +38,19 @@ class PPOModelArguments:
         default=None,
         metadata={"help": "Initialisation of the critic (value) model; defaults to the reward model."},
     )
+    cost_model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "rl_algorithm ppo_lag: trained cost (score) model, kept frozen."}
+    )
+    cost_critic_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "rl_algorithm ppo_lag: initialisation of the cost critic; defaults to the cost model."},
+    )
 
     def __post_init__(self):
         if self.reward_critic_model_name_or_path is None:
             self.reward_critic_model_name_or_path = self.reward_model_name_or_path
+        if self.cost_critic_model_name_or_path is None:
+            self.cost_critic_model_name_or_path = self.cost_model_name_or_path
 
 
 @dataclass
@@ -85,7 +95,7 @@ class PPODataArguments(ConversationDataArguments):
 
 
 @dataclass
-class PPOTrainingArguments(TrainingArguments):
+class PPOTrainingArguments(TrainingArguments, LagrangianArguments):
     # Rollout
     per_device_prompt_batch_size: int = field(default=16, metadata={"help": "Prompts per device per rollout."})
     num_return_sequences: int = field(default=1, metadata={"help": "Responses sampled per prompt; all are trained on."})
@@ -168,6 +178,7 @@ class PPOTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_lagrangian_arguments()
         if self.eval_mode == "":
             self.eval_mode = None  # the seed's example config writes "" for "not set"
         _check(self.per_device_prompt_batch_size >= 1, "per_device_prompt_batch_size must be >= 1")
@@ -199,7 +210,9 @@ class PPOTrainingArguments(TrainingArguments):
         if self.pipeline_parallel_degree > 1:
             # The Pipe policy's last-stage loss (ppo.models.model_pp) knows only the PPO objective.
             _check(
-                self.uses_critic and self.kl_loss_coeff == 0 and self.clip_range_ratio_low == self.clip_range_ratio_high,
+                self.rl_algorithm == AdvantageEstimator.PPO.value
+                and self.kl_loss_coeff == 0
+                and self.clip_range_ratio_low == self.clip_range_ratio_high,
                 f"pipeline parallel supports rl_algorithm='ppo' with kl_loss_coeff=0 and symmetric clipping only (got "
                 f"rl_algorithm={self.rl_algorithm!r}, kl_loss_coeff={self.kl_loss_coeff}, clip_range_ratio_low/high="
                 f"{self.clip_range_ratio_low}/{self.clip_range_ratio_high})",
@@ -245,10 +258,15 @@ class PPOTrainingArguments(TrainingArguments):
         return self.estimator.needs_critic
 
     @property
+    def uses_cost_model(self) -> bool:
+        """PPO-Lagrangian: a frozen cost model and a trained cost critic."""
+        return self.rl_algorithm == AdvantageEstimator.PPO_LAG.value
+
+    @property
     def uses_reference(self) -> bool:
         """Whether the frozen reference model is built: for any KL term (in the reward or as a loss).
         PPO keeps it even without one, as before, so its logged kl_divergence stays measured."""
-        return self.kl_coeff > 0 or self.kl_loss_coeff > 0 or self.rl_algorithm == AdvantageEstimator.PPO.value
+        return self.kl_coeff > 0 or self.kl_loss_coeff > 0 or self.rl_algorithm in PPO_FAMILY
 
     @property
     def loss_math_reduction(self) -> str:
@@ -284,6 +302,8 @@ class PPOTrainingArguments(TrainingArguments):
 
 
 GLOBAL_TOKEN_MEAN = "global-token-mean"
+# Algorithms that keep the reference (and log its KL) even without a KL term.
+PPO_FAMILY = (AdvantageEstimator.PPO.value, AdvantageEstimator.PPO_LAG.value)
 LOSS_REDUCTIONS = [Reduction.TOKEN_MEAN.value, Reduction.SEQ_MEAN_TOKEN_MEAN.value, GLOBAL_TOKEN_MEAN]
 
 

@@ -119,9 +119,12 @@ Mover = Tuple[Callable[[], None], Callable[[], None]]  # (offload, reload)
 # of the actor/critic that generate and score under pipeline parallel or sharding stage3) are as
 # large as the trained models and go with them.
 OFFLOAD_GROUPS = {
-    "freeze_model": ("reference_model", "reward_model"),
-    "optimizer": ("actor_optimizer", "critic_optimizer"),
-    "train_model": ("actor_model", "critic_model", "actor_rollout_model", "critic_rollout_model"),
+    "freeze_model": ("reference_model", "reward_model", "cost_model"),
+    "optimizer": ("actor_optimizer", "critic_optimizer", "cost_critic_optimizer"),
+    "train_model": (
+        "actor_model", "critic_model", "cost_critic_model", "actor_rollout_model", "critic_rollout_model",
+        "cost_critic_rollout_model",
+    ),
 }
 
 
@@ -149,7 +152,7 @@ def managed_offload_objects(offload_level: Iterable[str], sharding=(), offload_o
     if "offload" in options:
         handled_by_paddle |= set(OFFLOAD_GROUPS["optimizer"])
         if "stage3" in options:
-            handled_by_paddle |= {"actor_model", "critic_model"}
+            handled_by_paddle |= {"actor_model", "critic_model", "cost_critic_model"}
     elif "stage3" in options and "train_model" in tokens:
         raise ValueError(
             "offload_level 'train_model' cannot move the parameters of a sharding stage3 model (each rank holds "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import paddle
 
@@ -137,7 +137,6 @@ _PER_TOKEN_FIELDS = (  # [B, L-1]
     "returns",
 )
 _PER_SEQUENCE_FIELDS = ("reward_scores",)  # [B]
-_TENSOR_FIELDS = _SEQUENCE_FIELDS + _PER_TOKEN_FIELDS + _PER_SEQUENCE_FIELDS
 
 
 @dataclass
@@ -162,8 +161,17 @@ class Experience:
     returns: paddle.Tensor  # [B, L-1] f32 value targets A + V (0 outside action_mask)
     reward_scores: paddle.Tensor  # [B] f32 reward-model end scores used (before clipping)
 
+    # Tensor fields by their shape; subclasses with more fields extend these.
+    SEQUENCE_FIELDS: ClassVar[tuple] = _SEQUENCE_FIELDS
+    PER_TOKEN_FIELDS: ClassVar[tuple] = _PER_TOKEN_FIELDS
+    PER_SEQUENCE_FIELDS: ClassVar[tuple] = _PER_SEQUENCE_FIELDS
+
+    @classmethod
+    def tensor_fields(cls) -> tuple:
+        return cls.SEQUENCE_FIELDS + cls.PER_TOKEN_FIELDS + cls.PER_SEQUENCE_FIELDS
+
     def __post_init__(self) -> None:
-        for name in _TENSOR_FIELDS:
+        for name in self.tensor_fields():
             value = getattr(self, name)
             if not isinstance(value, paddle.Tensor):
                 raise TypeError(f"Experience.{name} must be a paddle.Tensor, got {type(value)}")
@@ -172,9 +180,9 @@ class Experience:
             raise ValueError(f"input_ids must be [B, L], got shape {list(self.input_ids.shape)}")
         batch_size, sequence_length = self.input_ids.shape
         expected = {
-            **{name: [batch_size, sequence_length] for name in _SEQUENCE_FIELDS},
-            **{name: [batch_size, sequence_length - 1] for name in _PER_TOKEN_FIELDS},
-            **{name: [batch_size] for name in _PER_SEQUENCE_FIELDS},
+            **{name: [batch_size, sequence_length] for name in self.SEQUENCE_FIELDS},
+            **{name: [batch_size, sequence_length - 1] for name in self.PER_TOKEN_FIELDS},
+            **{name: [batch_size] for name in self.PER_SEQUENCE_FIELDS},
         }
         wrong = [
             f"{name} {list(getattr(self, name).shape)} (expected {shape})"
@@ -296,7 +304,7 @@ class Experience:
     # ---------------------------------------------------------------- batch operations
 
     def _map_tensors(self, fn) -> "Experience":
-        return dataclasses.replace(self, **{name: fn(getattr(self, name)) for name in _TENSOR_FIELDS})
+        return dataclasses.replace(self, **{name: fn(getattr(self, name)) for name in self.tensor_fields()})
 
     def select(self, indices: Sequence[int] | paddle.Tensor) -> "Experience":
         """Rows `indices` in that order (e.g. a permutation to shuffle between update_iters)."""
@@ -342,7 +350,7 @@ class Experience:
             padded[0],
             **{
                 name: paddle.concat([getattr(e, name) for e in padded], axis=0)
-                for name in _TENSOR_FIELDS
+                for name in cls.tensor_fields()
             },
         )
 
@@ -364,7 +372,7 @@ class Experience:
             ),
         }
         # action_mask is bool, so its 0 filler is False.
-        updates.update({name: pad_columns(getattr(self, name), 0) for name in _PER_TOKEN_FIELDS})
+        updates.update({name: pad_columns(getattr(self, name), 0) for name in self.PER_TOKEN_FIELDS})
         return dataclasses.replace(self, **updates)
 
     def to(self, place: Any) -> "Experience":

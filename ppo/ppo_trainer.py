@@ -47,12 +47,16 @@ class PPOTrainer(RLTrainer):
         max_new_tokens: Optional[int] = None,
     ):
         """`critic_model` None for critic-free algorithms; see `RLTrainer` for the rest."""
-        critics = {"critic": CriticRole(critic_model, critic_rollout_model)} if critic_model is not None else {}
+        critics = self._critic_roles(critic_model, critic_rollout_model)
         super().__init__(
             args, actor_model, reference_model, reward_model, tokenizer, train_dataset, max_length,
             critics=critics, reward_tokenizer=reward_tokenizer, eval_dataset=eval_dataset, ptx_dataset=ptx_dataset,
             callbacks=callbacks, actor_rollout_model=actor_rollout_model, max_new_tokens=max_new_tokens,
         )  # fmt: skip
+
+    def _critic_roles(self, critic_model, critic_rollout_model) -> Dict[str, CriticRole]:
+        """The trained value models: PPO's critic (none for critic-free algorithms)."""
+        return {"critic": CriticRole(critic_model, critic_rollout_model)} if critic_model is not None else {}
 
     @property
     def critic_model(self):

@@ -115,12 +115,14 @@ class RolloutWork:
 
 @dataclass
 class CriticRole:
-    """A trained value model: its rollout copy (or None), the arguments of its Trainer, and the
-    Experience fields it is scored into at rollout time (`old_values_field`)."""
+    """A trained value model: its rollout copy (or None), the Experience fields of its values at
+    rollout time and of its targets, and the name its loss is logged under."""
 
     model: object
     rollout_model: Optional[object] = None
     old_values_field: str = "old_values"
+    returns_field: str = "returns"
+    loss_name: str = "reward_critic_loss"
 
 
 class RLTrainer:
@@ -129,6 +131,8 @@ class RLTrainer:
     #: Output directory name of each trained role's final model ("policy", "value" as PaddleNLP's
     #: alignment example writes them).
     OUTPUT_NAMES = {"actor": "policy", "critic": "value"}
+    #: What `build_experience` returns (pending experience is restored as this on resume).
+    EXPERIENCE_CLASS = Experience
 
     def __init__(
         self,
@@ -192,7 +196,10 @@ class RLTrainer:
 
         self.actor_trainer = PolicyTrainer(model=actor_model, args=args, tokenizer=tokenizer, callbacks=callbacks)
         self.critic_trainers = {
-            role: ValueTrainer(model=critic.model, args=self.critic_arguments(role), tokenizer=tokenizer)
+            role: ValueTrainer(
+                model=critic.model, args=self.critic_arguments(role), tokenizer=tokenizer,
+                values_field=critic.old_values_field, returns_field=critic.returns_field, loss_name=critic.loss_name,
+            )  # fmt: skip
             for role, critic in self.critics.items()
         }
         for trainer in self.trainers.values():
@@ -489,14 +496,24 @@ class RLTrainer:
         rollout = self.generate(prompt_batch, self.args.num_return_sequences, longest_prompt)
         breakdown: Dict[str, List[float]] = {}
         scored = self.score_rollout(rollout, breakdown)
-        scored["reward_scores"], scored["attention_mask"], nonfinite = exclude_nonfinite_rewards(
-            scored["reward_scores"], scored["attention_mask"], rollout.prompt_length, self.args.num_return_sequences
-        )
+        nonfinite = self.exclude_nonfinite(scored, rollout.prompt_length)
         if nonfinite:
             logger.warning(f"{nonfinite} responses of this rollout have a NaN/inf reward: left out of the update")
         experience = self.build_experience(scored, rollout.prompt_length)
         self._record_rollout_metrics(experience, breakdown, nonfinite)
         return experience
+
+    def extra_rollout_metrics(self, sums: Dict[str, float]) -> Dict[str, float]:
+        """Algorithm metrics from the globally summed `rollout_metric_sums` (e.g. train/cost)."""
+        return {}
+
+    def exclude_nonfinite(self, scored: Dict[str, paddle.Tensor], prompt_length: int) -> int:
+        """Leave responses with a NaN/inf reward out of the update (see `exclude_nonfinite_rewards`);
+        returns how many on this rank."""
+        scored["reward_scores"], scored["attention_mask"], count = exclude_nonfinite_rewards(
+            scored["reward_scores"], scored["attention_mask"], prompt_length, self.args.num_return_sequences
+        )
+        return count
 
     def rollout_metric_sums(self, experience: Experience) -> Dict[str, float]:
         """Additive statistics of this rank's rollout (see `ppo.metrics.rollout_sums`)."""
@@ -516,6 +533,7 @@ class RLTrainer:
         sums = dict(zip(names, all_reduce_sum([local[name] for name in names])))
         metrics = rollout_metrics(sums)
         metrics["train/nonfinite_rewards"] = sums["nonfinite_rewards"]
+        metrics.update(self.extra_rollout_metrics(sums))
         for name in breakdown or {}:
             metrics[f"train/reward_fn/{name}"] = sums[f"reward_fn/{name}"] / max(sums["responses"], 1.0)
         metrics["train/max_generated_length"] = all_reduce_max(float(response_lengths(experience.action_mask).max()))
@@ -728,7 +746,7 @@ class RLTrainer:
         # (turning evaluation on or changing eval_steps leaves training unchanged), and two
         # evaluations differ only by the policy.
         rng = RolloutRandomState(args.seed + EVAL_SEED_OFFSET + args.dataset_rank)
-        score_sum, length_sum, samples = 0.0, 0.0, []
+        score_sum, length_sum, samples, extra_sums = 0.0, 0.0, [], {}
         for start in range(0, len(indices), args.per_device_eval_batch_size):
             batch = collate([dataset[i] for i in indices[start : start + args.per_device_eval_batch_size]])
             rollout = self.generate(
@@ -736,13 +754,19 @@ class RLTrainer:
             )
             batch_scores = self.reward_scores(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
             score_sum += float(batch_scores.astype("float64").sum())
+            for name, value in self.eval_batch_sums(rollout).items():
+                extra_sums[name] = extra_sums.get(name, 0.0) + value
             action_mask = action_mask_from(rollout.attention_mask, rollout.prompt_length)
             length_sum += float(response_lengths(action_mask).astype("float64").sum())
             if len(samples) < args.num_eval_samples_to_save:
                 samples.extend(self._decode_samples(rollout, batch_scores))
         # Tensor/pipeline ranks of one replica repeat its sums; the ratios are unchanged.
-        score_sum, length_sum, count = all_reduce_sum([score_sum, length_sum, float(len(indices))])
+        extra_names = sorted(extra_sums)
+        score_sum, length_sum, count, *extra = all_reduce_sum(
+            [score_sum, length_sum, float(len(indices))] + [extra_sums[name] for name in extra_names]
+        )
         metrics = {"eval/reward": score_sum / max(count, 1.0), "eval/mean_generated_length": length_sum / max(count, 1.0)}
+        metrics.update({f"eval/{name}": value / max(count, 1.0) for name, value in zip(extra_names, extra)})
         if self.is_main_process:
             directory = os.path.join(args.output_dir, "eval_samples")
             os.makedirs(directory, exist_ok=True)
@@ -750,6 +774,11 @@ class RLTrainer:
                 for sample in samples[: args.num_eval_samples_to_save]:
                     f.write(json.dumps(sample, ensure_ascii=False) + "\n")
         return metrics
+
+    def eval_batch_sums(self, rollout: RolloutOutput) -> Dict[str, float]:
+        """Sums over an evaluation batch's responses of further per-response metrics (logged as
+        eval/<name>, means over the eval set), e.g. the cost."""
+        return {}
 
     def _decode_samples(self, rollout: RolloutOutput, scores: paddle.Tensor) -> List[dict]:
         samples = []
@@ -915,7 +944,7 @@ class RLTrainer:
                 self.load_extra_state(json.load(f))
         if self.state.pending_update_iter is None:
             return None
-        experience = Experience(**paddle.load(os.path.join(path, f"{PENDING_EXPERIENCE_NAME}.rank{rank}")))
+        experience = self.EXPERIENCE_CLASS(**paddle.load(os.path.join(path, f"{PENDING_EXPERIENCE_NAME}.rank{rank}")))
         return RolloutWork(experience, self.state.pending_update_iter, self.state.pending_micro_batch)
 
 

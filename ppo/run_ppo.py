@@ -42,6 +42,7 @@ from ppo.models.parallel_utils import (  # noqa: E402
     check_pipeline_ppo_arguments,
     eval_model_config,
 )
+from ppo.ppo_lag_trainer import PPOLagTrainer  # noqa: E402
 from ppo.ppo_trainer import PPOTrainer  # noqa: E402
 from ppo.preflight import check_training_output_dir  # noqa: E402
 from ppo.stage import model_dtype  # noqa: E402
@@ -108,6 +109,8 @@ class PPOModels:
     critic: Optional[object]
     actor_rollout: Optional[object] = None
     critic_rollout: Optional[object] = None
+    cost: Optional[object] = None  # ppo_lag: frozen cost model
+    cost_critic: Optional[object] = None  # ppo_lag: trained cost critic
 
 
 def build_models(model_args: PPOModelArguments, args: PPOTrainingArguments) -> PPOModels:
@@ -144,6 +147,15 @@ def build_models(model_args: PPOModelArguments, args: PPOTrainingArguments) -> P
             reward_path, config=model_config(reward_path, args), score_type="reward", do_normalize=args.normalize_reward
         )
     models = PPOModels(actor, reference, reward, critic)
+    if args.uses_cost_model:
+        cost_path, cost_critic_path = model_args.cost_model_name_or_path, model_args.cost_critic_model_name_or_path
+        models.cost = AutoModelForScore.from_pretrained(
+            cost_path, config=model_config(cost_path, args), score_type="cost", do_normalize=False
+        )
+        models.cost_critic = AutoModelForScore.from_pretrained(
+            cost_critic_path, config=model_config(cost_critic_path, args, recompute=args.critic_recompute),
+            score_type="critic", do_normalize=False,
+        )  # fmt: skip
 
     mode = rollout_copy_mode(args)
     if mode == "pipeline":
@@ -162,11 +174,30 @@ def _empty_model(model_class, config):
     return model_class.from_config(config, dtype=config.dtype)
 
 
+def check_cost_models(model_args: PPOModelArguments, args: PPOTrainingArguments, tokenizer):
+    """ppo_lag: the cost model must be a score model (its own tokenizer is allowed, it is
+    re-tokenised for); the cost critic must share the actor's tokenizer. Returns the cost
+    model's tokenizer (None without ppo_lag)."""
+    if not args.uses_cost_model:
+        return None
+    if model_args.cost_model_name_or_path is None:
+        raise ValueError("rl_algorithm ppo_lag needs cost_model_name_or_path (a cost model, e.g. from rm/run_cost.py)")
+    require_score_model(model_args.cost_model_name_or_path, "cost_model_name_or_path")
+    if not tokenizers_match(tokenizer, load_tokenizer(model_args.cost_critic_model_name_or_path)):
+        raise ValueError(
+            f"the cost critic ({model_args.cost_critic_model_name_or_path}) must share the actor's tokenizer because it "
+            "scores every actor token; set cost_critic_model_name_or_path to a score model with the actor's vocabulary"
+        )
+    return load_tokenizer(model_args.cost_model_name_or_path)
+
+
 def check_ppo_output_dir(model_args: PPOModelArguments, training_args: PPOTrainingArguments) -> None:
     """An unwritable or too full output_dir is refused before any model is converted or loaded."""
     trained = [model_args.actor_model_name_or_path]
     if training_args.uses_critic:
         trained.append(model_args.reward_critic_model_name_or_path or model_args.reward_model_name_or_path)
+    if training_args.uses_cost_model:
+        trained.append(model_args.cost_critic_model_name_or_path or model_args.cost_model_name_or_path)
     saves = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
     check_training_output_dir(training_args.output_dir, [path for path in trained if path], model_dtype(training_args), saves)
 
@@ -175,7 +206,10 @@ def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, tr
     check_ppo_output_dir(model_args, training_args)
     paddle.seed(training_args.seed)
     # Hugging Face directories and GGUF files → cached Paddle directories (every rank may call this).
-    model_fields = ("actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path")
+    model_fields = (
+        "actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path",
+        "cost_model_name_or_path", "cost_critic_model_name_or_path",
+    )  # fmt: skip
     model_args = resolve_model_fields(model_args, *(name for name in model_fields if getattr(model_args, name) is not None))
     tokenizer = load_tokenizer(model_args.actor_model_name_or_path)
     if training_args.uses_critic and model_args.reward_critic_model_name_or_path is None:
@@ -195,6 +229,7 @@ def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, tr
             "scores every actor token; pass reward_critic_model_name_or_path pointing to a model with the actor's "
             "vocabulary (e.g. a score model initialised from the SFT model)"
         )
+    cost_tokenizer = check_cost_models(model_args, training_args, tokenizer)
     models = build_models(model_args, training_args)
 
     # Every dataset renders conversations with the same template (the one SFT and RM trained on).
@@ -215,7 +250,12 @@ def build_trainer(model_args: PPOModelArguments, data_args: PPODataArguments, tr
         if data_args.ptx_datasets
         else None
     )
-    return PPOTrainer(
+    trainer_class, extra = PPOTrainer, {}
+    if training_args.uses_cost_model:
+        trainer_class = PPOLagTrainer
+        extra = dict(cost_model=models.cost, cost_critic_model=models.cost_critic, cost_tokenizer=cost_tokenizer)
+    return trainer_class(
+        **extra,
         args=training_args,
         actor_model=models.actor,
         reference_model=models.reference,

@@ -101,7 +101,14 @@ class PolicyTrainer(Trainer):
 
 
 class ValueTrainer(Trainer):
-    """Trains the critic with the clipped value loss on the same experience."""
+    """Trains a value model with the clipped value loss on the same experience: PPO's critic on
+    (old_values, returns), logged as reward_critic_loss; PPO-Lagrangian's cost critic on its own
+    fields (`values_field`, `returns_field`, `loss_name`)."""
+
+    def __init__(self, *args, values_field: str = "old_values", returns_field: str = "returns",
+                 loss_name: str = "reward_critic_loss", **kwargs):  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.values_field, self.returns_field, self.loss_name = values_field, returns_field, loss_name
 
     def compute_loss(self, model, inputs, return_outputs=False):
         experience: Experience = inputs["experience"]
@@ -113,13 +120,13 @@ class ValueTrainer(Trainer):
         ).scores[:, :-1, 0].astype("float32")
         loss = inputs.get("token_scale", 1.0) * critic_clipped_loss(
             values,
-            experience.old_values,
-            experience.returns,
+            getattr(experience, self.values_field),
+            getattr(experience, self.returns_field),
             experience.action_mask,
             self.args.clip_range_value,
             reduction=self.args.loss_math_reduction,
         )
-        stats.values["reward_critic_loss"] = float(loss)
+        stats.values[self.loss_name] = float(loss)
         _raise_if_nonfinite(loss)
         return loss
 

@@ -132,7 +132,7 @@ def test_registry_specs_and_clear_error():
         assert not advantage_estimator(name).needs_critic
     assert advantage_estimator("grpo").needs_groups and advantage_estimator("rloo").needs_groups
     assert advantage_estimator("reinforce_plus_plus").whitens
-    with pytest.raises(ValueError, match="'ppo', 'grpo', 'rloo', 'reinforce_plus_plus'"):
+    with pytest.raises(ValueError, match="'ppo', 'ppo_lag', 'grpo', 'rloo', 'reinforce_plus_plus'"):
         advantage_estimator("reinforce_plue_plus")
 
 

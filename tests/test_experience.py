@@ -1,5 +1,7 @@
 """PromptBatch and Experience: built from a real tiny tokenizer and a real tiny Llama rollout."""
 
+import dataclasses
+
 import numpy as np
 import paddle
 import pytest
@@ -269,7 +271,7 @@ def test_concat_right_pads_shorter_rollouts(built, tiny_actor, tiny_tokenizer_di
 
 def test_experience_validates_fields_and_detaches(built):
     _, experience = built
-    fields = {name: getattr(experience, name) for name in experience.__dataclass_fields__}
+    fields = {field.name: getattr(experience, field.name) for field in dataclasses.fields(experience)}
 
     with pytest.raises(ValueError, match=r"rewards \[6, 3\]"):
         Experience(**{**fields, "rewards": fields["rewards"][:, :3]})

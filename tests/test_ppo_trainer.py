@@ -115,7 +115,10 @@ def make_arguments(assets, output_dir, **overrides):
     for key, value in overrides.items():
         (data if key in data else training)[key] = value
     return (
-        PPOModelArguments(actor_model_name_or_path=assets["actor"], reward_model_name_or_path=assets["reward"]),
+        PPOModelArguments(
+            actor_model_name_or_path=assets["actor"], reward_model_name_or_path=assets["reward"],
+            cost_model_name_or_path=assets.get("cost"),
+        ),  # fmt: skip
         PPODataArguments(**data),
         PPOTrainingArguments(**training),
     )

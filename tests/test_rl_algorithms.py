@@ -147,7 +147,7 @@ def test_a_reward_function_returning_nan_everywhere_leaves_every_response_out(pp
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(rl_algorithm="reinforce_plue_plus"), "valid choices are 'ppo', 'grpo', 'rloo', 'reinforce_plus_plus'"),
+        (dict(rl_algorithm="reinforce_plue_plus"), "valid choices are 'ppo', 'ppo_lag', 'grpo', 'rloo', 'reinforce_plus_plus'"),
         (dict(rl_algorithm="grpo"), "needs num_return_sequences >= 2"),
         (dict(rl_algorithm="rloo", num_return_sequences=1), "needs num_return_sequences >= 2"),
         (dict(kl_loss_coeff=-1.0), "kl_loss_coeff must be >= 0"),

@@ -7,6 +7,7 @@ import pytest
 
 from ppo.arguments import EVAL_MODES, OFFLOAD_TOKENS, PPODataArguments, PPOModelArguments, PPOTrainingArguments
 from ppo.cli import check_unknown_keys, load_json_config
+from rm.cost_trainer import CostArguments
 from rm.reward_trainer import RewardArguments
 from sft.run_sft import SftArguments
 
@@ -14,6 +15,8 @@ ENTRY_POINT_ARGUMENTS = {
     "sft_argument.json": [SftArguments],
     "rm_argument.json": [RewardArguments],
     "ppo_argument.json": [PPOModelArguments, PPODataArguments, PPOTrainingArguments],
+    "ppo_lag_argument.json": [PPOModelArguments, PPODataArguments, PPOTrainingArguments],
+    "cost_argument.json": [CostArguments],
 }
 
 

@@ -45,6 +45,7 @@ class AdvantageEstimator(str, Enum):
     """The `rl_algorithm` names. PPO uses GAE with a critic; the others are critic-free."""
 
     PPO = "ppo"
+    PPO_LAG = "ppo_lag"  # PPO-Lagrangian: GAE for the reward and for a cost (see ppo.ppo_lag_trainer)
     GRPO = "grpo"
     RLOO = "rloo"
     REINFORCE_PLUS_PLUS = "reinforce_plus_plus"
@@ -177,6 +178,7 @@ def _reinforce_plus_plus(token_rewards, values, action_mask, *, gamma, whiten=ma
 
 ADVANTAGE_ESTIMATORS: dict[AdvantageEstimator, EstimatorSpec] = {
     AdvantageEstimator.PPO: EstimatorSpec(_gae, needs_critic=True, needs_groups=False, whitens=False),
+    AdvantageEstimator.PPO_LAG: EstimatorSpec(_gae, needs_critic=True, needs_groups=False, whitens=False),
     AdvantageEstimator.GRPO: EstimatorSpec(_grpo, needs_critic=False, needs_groups=True, whitens=False),
     AdvantageEstimator.RLOO: EstimatorSpec(_rloo, needs_critic=False, needs_groups=True, whitens=False),
     AdvantageEstimator.REINFORCE_PLUS_PLUS: EstimatorSpec(

@@ -405,6 +405,30 @@ def kl_penalized_rewards(
     return rewards + paddle.where(at_end, clipped_scores.unsqueeze(-1), paddle.zeros([]))
 
 
+def reward_and_cost_token_rewards(
+    reward_scores: paddle.Tensor,  # [B] reward-model end scores
+    cost_scores: paddle.Tensor,  # [B] cost-model end scores
+    log_probs: paddle.Tensor,  # [B, T]
+    reference_log_probs: paddle.Tensor,  # [B, T]
+    action_mask: paddle.Tensor,  # [B, T] bool
+    kl_coeff: float,
+    clip_range_score: float,
+    kl_estimator: str | KLEstimator = KLEstimator.K1,
+) -> tuple[paddle.Tensor, paddle.Tensor]:  # reward tokens [B, T], cost tokens [B, T]
+    """PPO-Lagrangian's per-token rewards and costs (safe-rlhf): the KL penalty is split in half,
+    r_t = -½·kl_coeff·kl_t (+ clipped reward score at the last action position) and
+    c_t = +½·kl_coeff·kl_t (+ clipped cost score there), so that A_r − λ·A_c keeps the full
+    penalty whatever λ, once divided by 1 + λ."""
+    half = 0.5 * kl_coeff
+    rewards = kl_penalized_rewards(
+        reward_scores, log_probs, reference_log_probs, action_mask, half, clip_range_score, kl_estimator
+    )
+    costs = -kl_penalized_rewards(
+        -_fp32(cost_scores), log_probs, reference_log_probs, action_mask, half, clip_range_score, kl_estimator
+    )
+    return rewards, costs
+
+
 # --------------------------------------------------------------------------------------------
 # Advantages
 # --------------------------------------------------------------------------------------------
