@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional
 
 from paddlenlp.utils.log import logger
 
@@ -266,6 +266,3 @@ def manifest_or_marker(marker: Optional[str]) -> Callable[[str], bool]:
 
     return is_complete
 
-
-def describe(paths: Sequence[str]) -> str:
-    return ", ".join(os.path.basename(p) for p in paths) or "none"

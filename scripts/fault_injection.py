@@ -222,7 +222,7 @@ def run_trial(
         target = os.path.join(output_dir, f".checkpoint-{step}.staging")
         while process.poll() is None and not os.path.exists(target):
             time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.8 * reference["save_seconds"]))
+        time.sleep(rng.uniform(0.0, 0.5 * reference["save_seconds"]))
         plan = f"during the save of checkpoint-{step}"
     else:
         # Kill at a random moment of training (after start-up, which loses nothing to test).
@@ -312,16 +312,22 @@ def _read(path: str) -> str:
         return ""
 
 
-def reference_run(run: StageRun, workdir: str) -> dict:
+def _published(output_dir: str, step: int) -> bool:
+    return os.path.isdir(os.path.join(output_dir, f"checkpoint-{step}"))
+
+
+def reference_run(run: StageRun, workdir: str, max_steps: int) -> dict:
     output_dir = os.path.join(workdir, "reference")
     shutil.rmtree(output_dir, ignore_errors=True)
     log_path = os.path.join(workdir, "reference.log")
     started = time.time()
     process = launch(run, output_dir, log_path, resume=False)
-    first_step, save_started, save_seconds = None, None, []
+    first_step, last_step, save_started, save_seconds = None, None, None, []
     while process.poll() is None:
         if first_step is None and _training_started(log_path, output_dir):
             first_step = time.time()
+        elif first_step is not None and last_step is None and _published(output_dir, max_steps):
+            last_step = time.time()
         # How long a staging directory exists: the window the during-save kills aim into.
         saving = bool(staging_dirs(output_dir))
         if saving and save_started is None:
@@ -337,7 +343,8 @@ def reference_run(run: StageRun, workdir: str) -> dict:
     return {
         "metrics": metrics,
         "weights": os.path.join(output_dir, run.weights),
-        "train_seconds": time.time() - (first_step or started),
+        # Random kills aim at training and saving: from the first step to the last checkpoint.
+        "train_seconds": (last_step or time.time()) - (first_step or started),
         "save_seconds": max(save_seconds) if save_seconds else 0.05,
     }
 
@@ -363,8 +370,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     assets = build_assets(workdir, options.seed)
     run = stage_run(options.stage, assets, workdir, options.max_steps, options.save_steps)
     started = time.time()
-    reference = reference_run(run, workdir)
-    print(f"reference: {len(reference['metrics'])} steps in {reference['train_seconds']:.1f} s of training", flush=True)
+    reference = reference_run(run, workdir, options.max_steps)
+    print(
+        f"reference: {len(reference['metrics'])} steps in {reference['train_seconds']:.1f} s of training and saving; "
+        f"a save takes up to {reference['save_seconds']:.2f} s",
+        flush=True,
+    )
     counts = Counts(options.stage)
     signal_number = getattr(signal, "SIG" + options.signal)
     rng = random.Random(options.seed)

@@ -173,3 +173,17 @@ def test_stale_staging_directories_are_removed(tmp_path):
     assert remove_stale_staging(str(tmp_path)) == [".checkpoint-4.replaced", ".checkpoint-5.staging"]
     assert os.listdir(tmp_path) == ["checkpoint-3"]
     assert newest_resumable_checkpoint(str(tmp_path / "missing"), STRICT) is None
+
+
+def test_a_half_written_trainer_checkpoint_is_skipped_where_paddlenlp_would_pick_it(tmp_path):
+    from paddlenlp.trainer.trainer_utils import get_last_checkpoint
+
+    from ppo.stage_checkpoints import resolve_stage_resume
+
+    complete = publish(tmp_path, 2, {"model_state.pdparams": b"w" * 64, "trainer_state.json": b"{}"})
+    half = tmp_path / "checkpoint-4"  # PaddleNLP writes in place: killed after the weights, before the optimizer
+    half.mkdir()
+    (half / "model_state.pdparams").write_bytes(b"w" * 64)
+    (half / "trainer_state.json").write_text("{}")
+    assert get_last_checkpoint(str(tmp_path)) == str(half)
+    assert resolve_stage_resume(True, str(tmp_path)) == complete
