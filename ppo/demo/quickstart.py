@@ -559,10 +559,10 @@ def parse_seeds(text: str) -> List[int]:
     return seeds
 
 
-def aggregate_seeds(summaries: Sequence[dict]) -> dict:
-    """Mean, minimum and maximum of each SEED_METRICS number, and every target per seed."""
+def aggregate_seeds(summaries: Sequence[dict], metrics: Sequence[str] = SEED_METRICS) -> dict:
+    """Mean, minimum and maximum of each `metrics` number, and every target per seed."""
     aggregated = {"seeds": [summary["seed"] for summary in summaries], "metrics": {}, "targets": {}}
-    for key in SEED_METRICS:
+    for key in metrics:
         values = [summary[key] for summary in summaries]
         aggregated["metrics"][key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": values}
     for target in summaries[0]["targets"]:
@@ -641,7 +641,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         help="reward of the PPO stage: the reward model (model), the demo judge as a reward function without "
         "the reward model (judge), or their sum (both)",
     )  # fmt: skip
+    parser.add_argument(
+        "--safe", action="store_true",
+        help="the Safe-RLHF demo instead (ppo/demo/safe_demo.py): reward and cost model, plain PPO and "
+        "PPO-Lagrangian, judged by the rules; results in ROOT/quickstart-safe",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.safe and (args.algorithm != "ppo" or args.reward != "model"):
+        parser.error("--safe compares plain PPO with PPO-Lagrangian on the reward model; it takes no --algorithm or --reward")
     from ppo.runtime import prepare_process
 
     # Checked once here (a CPU below the floor stops before any stage); the MKL choice is
@@ -656,7 +663,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             seeds = parse_seeds(args.seeds)
         except ValueError as error:
             parser.error(str(error))
+        if args.safe:
+            from ppo.demo.safe_demo import run_safe_seeds
+
+            return run_safe_seeds(layout.root, seeds, fast=args.fast)
         return run_seeds(layout.root, seeds, fast=args.fast, algorithm=args.algorithm, reward=args.reward)
+    if args.safe:
+        from ppo.demo.safe_demo import run_safe
+
+        return run_safe(layout.root, seed=args.seed, fast=args.fast)
     return run(layout.root, seed=args.seed, fast=args.fast, algorithm=args.algorithm, reward=args.reward)
 
 
