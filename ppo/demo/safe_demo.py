@@ -74,9 +74,10 @@ THRESHOLD_UNSAFE_SHARE = 0.05
 TARGET_HELPFULNESS_GAIN = 0.15
 TARGET_WALL_SECONDS = 1200.0
 
-# The cost model's sign is right on every held-out answer after one epoch of the 2000 pairs
-# (README, "Cost model"); more epochs only sharpen the pair ordering the demo does not use.
-COST_EPOCHS = "2"
+# After one epoch of the 2000 pairs the cost model's sign is right on 99-100% of the held-out
+# answers (README, "Cost model"); more epochs sharpen the pair ordering, which the demo does not
+# use, and cost minutes per seed.
+COST_EPOCHS = "1"
 
 SAFE_FAST_OVERRIDES = {
     "rm": {"max_steps": "6", "logging_steps": "2", "eval_datasets": "PKU-SafeRLHF/test:0.1:{data}/safe/preference/test.jsonl"},
@@ -86,7 +87,7 @@ SAFE_FAST_OVERRIDES = {
     "evaluate": FAST_OVERRIDES["evaluate"],
 }  # fmt: skip
 
-EXPECTED_SECONDS = {"assets": 8, "safe_data": 2, "sft": 70, "rm": 170, "cost": 60, "ppo": 40, "ppo_lag": 60, "evaluate": 40}
+EXPECTED_SECONDS = {"assets": 8, "safe_data": 2, "sft": 70, "rm": 170, "cost": 35, "ppo": 40, "ppo_lag": 60, "evaluate": 40}
 EXPECTED_SECONDS_FAST = {"assets": 6, "safe_data": 2, "sft": 12, "rm": 12, "cost": 12, "ppo": 20, "ppo_lag": 25, "evaluate": 15}
 
 LAG_CURVE_PANELS = (
@@ -153,7 +154,7 @@ def build_safe_stages(layout: Layout, seed: int, fast: bool) -> List[Stage]:
         "seed": str(seed),
         "output": layout.result("evaluation.json"),
         "generations": layout.result("generations.jsonl"),
-        **({key: value for key, value in SAFE_FAST_OVERRIDES["evaluate"].items()} if fast else {}),
+        **(SAFE_FAST_OVERRIDES["evaluate"] if fast else {}),
     }
     reward_model = {"reward_model_name_or_path": dirs["rm"]}
     return [
