@@ -75,7 +75,7 @@ from ppo.experience import Experience, PromptBatch
 from ppo.infer_utils import RolloutEngine, RolloutOutput
 from ppo.metrics import MetricTracker, mean_stats, rollout_metrics, rollout_sums
 from ppo.model_io import load_model_weights, save_model_dir, tokenizers_match
-from ppo.models.ppo_model_utils import action_mask_from, gather_log_probs, make_position_ids, response_lengths
+from ppo.models.ppo_model_utils import ResponseWindow, action_mask_from, make_position_ids, response_lengths
 from ppo.plotting import plot_training_curves
 from ppo.preemption import PreemptionGuard
 from ppo.reward_scoring import RewardScorer, SequenceScorer, exclude_nonfinite_rewards
@@ -89,9 +89,10 @@ from ppo.trainer_utils import (
     StepStats,
     ValueTrainer,
     current_learning_rate,
-    logits_of,
     optimizer_step,
     pipeline_step_stats,
+    response_log_probs,
+    response_values,
 )
 
 METRICS_FILE = "ppo_metrics.jsonl"
@@ -102,6 +103,8 @@ ALGORITHM_STATE_NAME = "algorithm_state.json"
 SCALER_NAME = "{role}_scaler.pdparams"
 RNG_TRACKER_NAME = "model_parallel_rng_tracker.rank{rank}.pkl"
 EVAL_SEED_OFFSET = 1_000_003  # evaluation's sampling stream: seed + this (+ data-parallel rank)
+# Largest float32 logits tensor [rows, L, V] one scoring forward may make (64 Mi elements = 256 MiB).
+SCORING_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass
@@ -417,6 +420,24 @@ class RLTrainer:
             )
         return self.max_length - prompt_length
 
+    @property
+    def old_log_probs_from_rollout(self) -> bool:
+        """Whether the actor's old log-probs are the rollout engine's, sparing the actor's scoring
+        forward. Only our decoder backend returns them. `old_log_probs_from_rollout` in the
+        arguments decides when set; unset (None), they are used when the engine's numerics are
+        the scoring forward's: float32 weights without AMP, where the two agree to float32
+        rounding (max 1e-6 at SmolLM2 shapes, `tests/test_fast_paths.py`). Under fp16/bf16 the
+        scoring forward runs in half precision and the recomputation is kept."""
+        if self.engine.backend != "decoder":
+            return False
+        setting = getattr(self.args, "old_log_probs_from_rollout", None)
+        if setting is not None:
+            return bool(setting)
+        if self.args.fp16 or self.args.bf16:
+            return False
+        parameter = next(iter(self.rollout_model("actor").parameters()), None)
+        return parameter is not None and parameter.dtype == paddle.float32
+
     @paddle.no_grad()
     def generate(
         self,
@@ -440,48 +461,80 @@ class RLTrainer:
                 temperature=self.args.temperature,
                 top_p=self.args.top_p,
                 repetition_penalty=self.args.repetition_penalty,
+                # Training rollouts only: evaluation never reads them.
+                return_log_probs=rng is None and self.old_log_probs_from_rollout,
             )
 
-    def _token_log_probs(self, model, input_ids, attention_mask, position_ids) -> paddle.Tensor:  # [B, L-1]
+    def _token_log_probs(self, model, input_ids, attention_mask, position_ids, prompt_length: int) -> paddle.Tensor:  # [B, L-1]
+        """Log-probs of the response tokens under `model` (0 at prompt and padding columns), from a
+        forward over the rows' own longest response with the LM head on response positions only."""
+        window = ResponseWindow.of(attention_mask, prompt_length)
         with self.actor_trainer.autocast_smart_context_manager():
-            logits = logits_of(model(input_ids=input_ids, attention_mask=attention_mask.astype("int64"), position_ids=position_ids))
-        # The same temperature-scaled distribution the rollout sampled from (before top-p).
-        logits = logits[:, :-1].astype("float32") / self.args.temperature
-        return gather_log_probs(logits, input_ids[:, 1:])
+            log_probs, _ = response_log_probs(model, input_ids, attention_mask, position_ids, window, self.args.temperature)
+        return window.to_full(log_probs)
 
-    def _token_values(self, model, input_ids, attention_mask, position_ids) -> paddle.Tensor:  # [B, L-1]
+    def _token_values(self, model, input_ids, attention_mask, position_ids, prompt_length: int) -> paddle.Tensor:  # [B, L-1]
+        """A value model's scores at the positions that predict response tokens (0 elsewhere)."""
+        window = ResponseWindow.of(attention_mask, prompt_length)
         with self.actor_trainer.autocast_smart_context_manager():
-            values = model(input_ids=input_ids, attention_mask=attention_mask.astype("int64"), position_ids=position_ids).scores
-        return values[:, :-1, 0].astype("float32")
+            values = response_values(model, input_ids, attention_mask, position_ids, window)
+        return window.to_full(values)
 
     def reward_scores(self, input_ids, attention_mask, prompt_length: Optional[int] = None, breakdown=None) -> paddle.Tensor:
         """Rewards [B] of whole sequences (see `ppo.reward_scoring.RewardScorer`)."""
         return self.reward_scorer(input_ids, attention_mask, prompt_length, breakdown)
 
+    def scoring_chunk_rows(self, sequence_length: int) -> int:
+        """Rows per scoring forward: as many multiples of per_device_train_batch_size as keep one
+        chunk's float32 [rows, L, vocab + intermediate] within `SCORING_CHUNK_ELEMENTS` (fewer,
+        larger forwards where the memory allows; at least one micro-batch)."""
+        size = self.args.per_device_train_batch_size
+        config = getattr(self.rollout_model("actor"), "config", None)
+        # Per position: the logits, and the MLP activation as a stand-in for the other activations.
+        width = (getattr(config, "vocab_size", 0) or 0) + (getattr(config, "intermediate_size", 0) or 0)
+        multiples = max(1, SCORING_CHUNK_ELEMENTS // max(1, size * sequence_length * width))
+        return size * multiples
+
     @paddle.no_grad()
     def score_rollout(self, rollout: RolloutOutput, breakdown: Dict[str, List[float]]) -> Dict[str, paddle.Tensor]:
-        """Every model's rollout-time output, in chunks of `per_device_train_batch_size` rows."""
+        """Every model's rollout-time output, in chunks of `scoring_chunk_rows` rows; per-token
+        outputs are [B, L-1] with 0 outside the response positions."""
         self._enter("score")
         self._require(*self.phase_needs("score"))
         for role in self.critics:
             self.rollout_model(role).eval()
+        prompt_length = rollout.prompt_length
+        rollout_log_probs = None
+        if rollout.log_probs is not None:
+            # The engine's log-probs of response column j predict token P + j: per-token column P-1+j.
+            window = ResponseWindow(prompt_length, rollout.log_probs.shape[1], rollout.sequences.shape[1] - 1)
+            rollout_log_probs = window.to_full(rollout.log_probs)
         chunks = []
-        size = self.args.per_device_train_batch_size
+        size = self.scoring_chunk_rows(rollout.sequences.shape[1])
         for start in range(0, rollout.sequences.shape[0], size):
             input_ids = rollout.sequences[start : start + size]
             attention_mask = rollout.attention_mask[start : start + size]
             position_ids = make_position_ids(attention_mask)
             chunk = dict(input_ids=input_ids, attention_mask=attention_mask)
             values = {
-                critic.old_values_field: self._token_values(self.rollout_model(role), input_ids, attention_mask, position_ids)
+                critic.old_values_field: self._token_values(
+                    self.rollout_model(role), input_ids, attention_mask, position_ids, prompt_length
+                )
                 for role, critic in self.critics.items()
             }
-            chunk["old_log_probs"] = self._token_log_probs(self.rollout_model("actor"), input_ids, attention_mask, position_ids)
+            if rollout_log_probs is not None:
+                chunk["old_log_probs"] = rollout_log_probs[start : start + size]
+            else:
+                chunk["old_log_probs"] = self._token_log_probs(
+                    self.rollout_model("actor"), input_ids, attention_mask, position_ids, prompt_length
+                )
             if self.reference_model is not None:
-                chunk["reference_log_probs"] = self._token_log_probs(self.reference_model, input_ids, attention_mask, position_ids)
+                chunk["reference_log_probs"] = self._token_log_probs(
+                    self.reference_model, input_ids, attention_mask, position_ids, prompt_length
+                )
             chunk.update(values)
-            chunk["reward_scores"] = self.reward_scores(input_ids, attention_mask, rollout.prompt_length, breakdown)
-            chunk.update(self.extra_scores(input_ids, attention_mask, rollout.prompt_length))
+            chunk["reward_scores"] = self.reward_scores(input_ids, attention_mask, prompt_length, breakdown)
+            chunk.update(self.extra_scores(input_ids, attention_mask, prompt_length))
             chunks.append(chunk)
         return {name: paddle.concat([chunk[name] for chunk in chunks], axis=0) for name in chunks[0]}
 

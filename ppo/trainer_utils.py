@@ -14,6 +14,7 @@ from paddlenlp.trainer import Trainer
 from ppo.comm_utils import all_ranks_finite
 from ppo.experience import Experience
 from ppo.models.ppo_model_utils import (
+    ResponseWindow,
     actor_clipped_loss,
     approx_kl,
     clip_fraction,
@@ -24,11 +25,46 @@ from ppo.models.ppo_model_utils import (
     masked_mean,
     supervised_lm_loss,
 )
+from ppo.models.response_head import head_on_columns
 
 
 def logits_of(outputs) -> paddle.Tensor:
     """PaddleNLP causal LMs return a tuple or a ModelOutput depending on `return_dict`."""
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs.logits
+
+
+def response_log_probs(
+    model, input_ids, attention_mask, position_ids, window: ResponseWindow, temperature: float
+) -> tuple:  # ([B, W] float32 log-probs of the response tokens, [B, W, V] float32 logits / temperature)
+    """One forward of a causal LM over the window's columns, its LM head on the W positions that
+    predict response tokens only (`head_on_columns`), and log softmax(logits / temperature) at
+    the sampled tokens: the distribution the rollout sampled from (before top-p)."""
+    with head_on_columns(model, window.start, window.end) as narrowed:
+        logits = logits_of(
+            model(
+                input_ids=window.inputs(input_ids),
+                attention_mask=window.inputs(attention_mask).astype("int64"),
+                position_ids=window.inputs(position_ids),
+            )
+        )
+    if not narrowed:
+        logits = logits[:, window.start : window.end]
+    if logits.dtype != paddle.float32:
+        logits = logits.astype("float32")
+    if temperature != 1.0:
+        logits = logits / temperature
+    return gather_log_probs(logits, window.labels(input_ids)), logits
+
+
+def response_values(model, input_ids, attention_mask, position_ids, window: ResponseWindow) -> paddle.Tensor:  # [B, W]
+    """A value model's float32 scores at the W positions that predict response tokens."""
+    scores = model(
+        input_ids=window.inputs(input_ids),
+        attention_mask=window.inputs(attention_mask).astype("int64"),
+        position_ids=window.inputs(position_ids),
+    ).scores
+    values = scores[:, window.start : window.end, 0]
+    return values if values.dtype == paddle.float32 else values.astype("float32")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,21 +88,20 @@ class PolicyTrainer(Trainer):
         experience: Experience = inputs["experience"]
         stats: StepStats = inputs["stats"]
         args = self.args
-        logits = logits_of(
-            model(
-                input_ids=experience.input_ids,
-                attention_mask=experience.attention_mask.astype("int64"),
-                position_ids=experience.position_ids,
-            )
+        # Only this micro-batch's response columns: the inputs end at its longest response and
+        # the LM head, log-softmax and entropy run on response positions only. Prompt columns of
+        # the per-token fields are outside the action mask, so every reduction is unchanged.
+        window = ResponseWindow.of(experience.attention_mask, experience.prompt_length)
+        log_probs, logits = response_log_probs(
+            model, experience.input_ids, experience.attention_mask, experience.position_ids, window, args.temperature
         )
-        logits = logits[:, :-1].astype("float32") / args.temperature
-        log_probs = gather_log_probs(logits, experience.input_ids[:, 1:])  # [B, L-1]
-        mask = experience.action_mask
+        mask = window.tokens(experience.action_mask)
+        old_log_probs = window.tokens(experience.old_log_probs)
         token_scale = inputs.get("token_scale", 1.0)  # global-token-mean: step token count (see RLTrainer._update)
         loss = token_scale * actor_clipped_loss(
             log_probs,
-            experience.old_log_probs,
-            experience.advantages,
+            old_log_probs,
+            window.tokens(experience.advantages),
             mask,
             args.clip_range_ratio_low,
             reduction=args.loss_math_reduction,
@@ -74,17 +109,17 @@ class PolicyTrainer(Trainer):
         )
         with paddle.no_grad():
             stats.values["actor_loss"] = float(loss)
-            stats.values["approx_kl"] = float(approx_kl(log_probs, experience.old_log_probs, mask))
+            stats.values["approx_kl"] = float(approx_kl(log_probs, old_log_probs, mask))
             stats.values["clipfrac"] = float(
-                clip_fraction(
-                    log_probs, experience.old_log_probs, mask, args.clip_range_ratio_low, args.clip_range_ratio_high
-                )
+                clip_fraction(log_probs, old_log_probs, mask, args.clip_range_ratio_low, args.clip_range_ratio_high)
             )
             stats.values["entropy"] = float(entropy_from_logits(logits, mask))
         if args.kl_loss_coeff > 0:
             # GRPO-style: KL(π || π_ref) as a loss term (k3, unbiased and ≥ 0) instead of in the reward.
             kl_loss = token_scale * masked_mean(
-                kl_divergence_per_token(log_probs, experience.reference_log_probs, "k3"), mask, args.loss_math_reduction
+                kl_divergence_per_token(log_probs, window.tokens(experience.reference_log_probs), "k3"),
+                mask,
+                args.loss_math_reduction,
             )
             stats.values["kl_loss"] = float(kl_loss)
             loss = loss + args.kl_loss_coeff * kl_loss
@@ -113,16 +148,13 @@ class ValueTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False):
         experience: Experience = inputs["experience"]
         stats: StepStats = inputs["stats"]
-        values = model(
-            input_ids=experience.input_ids,
-            attention_mask=experience.attention_mask.astype("int64"),
-            position_ids=experience.position_ids,
-        ).scores[:, :-1, 0].astype("float32")
+        window = ResponseWindow.of(experience.attention_mask, experience.prompt_length)  # see PolicyTrainer
+        values = response_values(model, experience.input_ids, experience.attention_mask, experience.position_ids, window)
         loss = inputs.get("token_scale", 1.0) * critic_clipped_loss(
             values,
-            getattr(experience, self.values_field),
-            getattr(experience, self.returns_field),
-            experience.action_mask,
+            window.tokens(getattr(experience, self.values_field)),
+            window.tokens(getattr(experience, self.returns_field)),
+            window.tokens(experience.action_mask),
             self.args.clip_range_value,
             reduction=self.args.loss_math_reduction,
         )
