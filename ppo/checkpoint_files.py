@@ -55,10 +55,11 @@ def staging_dir(output_dir: str, step: int) -> str:
 
 
 def remove_stale_staging(output_dir: str) -> List[str]:
-    """Delete staging directories left by a process killed while saving; returns their names."""
+    """Delete staging directories (and checkpoints half-way through deletion) left by a process
+    killed while saving or rotating; returns their names."""
     if not os.path.isdir(output_dir):
         return []
-    pattern = re.compile(r"\." + re.escape(CHECKPOINT_PREFIX) + r"\d+\.(staging|replaced)")
+    pattern = re.compile(r"\." + re.escape(CHECKPOINT_PREFIX) + r"\d+\.(staging|replaced|deleting)")
     stale = sorted(name for name in os.listdir(output_dir) if pattern.fullmatch(name))
     for name in stale:
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
@@ -253,7 +254,12 @@ def rotate_checkpoints(
     deleted = []
     for path in candidates:
         if checkpoint_step(path) < oldest_kept and os.path.abspath(path) not in protected:
-            shutil.rmtree(path, ignore_errors=True)
+            # Renamed out of the checkpoint-N namespace first: a kill during the deletion leaves a
+            # hidden directory (removed by remove_stale_staging), never a half-deleted checkpoint.
+            doomed = os.path.join(output_dir, f".{os.path.basename(path)}.deleting")
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
             deleted.append(path)
     return deleted
 

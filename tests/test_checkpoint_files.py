@@ -169,8 +169,9 @@ def test_ppo_rotation_counts_legacy_and_published_checkpoints(tmp_path):
 def test_stale_staging_directories_are_removed(tmp_path):
     os.makedirs(staging_dir(str(tmp_path), 5))
     os.makedirs(tmp_path / ".checkpoint-4.replaced")
+    os.makedirs(tmp_path / ".checkpoint-1.deleting")  # rotation killed half-way through a deletion
     publish(tmp_path, 3)
-    assert remove_stale_staging(str(tmp_path)) == [".checkpoint-4.replaced", ".checkpoint-5.staging"]
+    assert remove_stale_staging(str(tmp_path)) == [".checkpoint-1.deleting", ".checkpoint-4.replaced", ".checkpoint-5.staging"]
     assert os.listdir(tmp_path) == ["checkpoint-3"]
     assert newest_resumable_checkpoint(str(tmp_path / "missing"), STRICT) is None
 
