@@ -208,12 +208,17 @@ POLICY_NUMBERS = ("unsafe_share", "helpfulness", "judge_score", "colour_accuracy
                   "reward", "cost", "well_formed_rate", "mean_length")  # fmt: skip
 
 
+def stage_threshold(stages: Sequence[Stage]) -> float:
+    """The threshold the PPO-Lag stage ran with (its late flag)."""
+    command = next(stage for stage in stages if stage.name == "ppo_lag").command
+    return float(command[command.index("--threshold") + 1])
+
+
 def build_safe_summary(layout: Layout, stages: Sequence[Stage], seed: int, fast: bool, wall_seconds: float, load: dict) -> dict:
     rm_results = read_json(os.path.join(layout.stage_dir(STAGE_DIRS["rm"]), "all_results.json"))
     cost_results = read_json(os.path.join(layout.stage_dir(STAGE_DIRS["cost"]), "all_results.json"))
     evaluation = read_json(layout.result("evaluation.json"))
-    lag_command = next(stage for stage in stages if stage.name == "ppo_lag").command
-    threshold = float(lag_command[lag_command.index("--threshold") + 1])
+    threshold = stage_threshold(stages)
     summary = {
         "rm_eval_accuracy": rm_results["eval_accuracy"],
         "cost_eval_accuracy_sign": cost_results["eval_accuracy_sign"],
@@ -294,12 +299,12 @@ def safe_results_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_safe_curves(layout: Layout, seed: int) -> None:
+def write_safe_curves(layout: Layout, seed: int, threshold: float) -> None:
     from ppo.plotting import plot_training_curves
 
     plot_training_curves(
         os.path.join(layout.stage_dir(STAGE_DIRS["ppo_lag"]), "ppo_metrics.jsonl"), layout.result("curves.png"),
-        panels=LAG_CURVE_PANELS, title=f"Safe demo: PPO-Lagrangian (seed {seed})",
+        panels=LAG_CURVE_PANELS, title=f"Safe demo: PPO-Lagrangian, cost threshold {threshold:+.2f} (seed {seed})",
     )  # fmt: skip
     plot_training_curves(
         os.path.join(layout.stage_dir(STAGE_DIRS["ppo"]), "ppo_metrics.jsonl"), layout.result("curves_ppo.png"),
@@ -343,7 +348,7 @@ def run_safe(output_root: str, seed: int = 0, fast: bool = False) -> dict:
         banner(stage, index, stages, started, expected, log_path)
         stage.seconds = run_stage(stage, log_path)
         print(f"[{stage.name}] done in {format_seconds(stage.seconds)}", flush=True)
-    write_safe_curves(layout, seed)
+    write_safe_curves(layout, seed, stage_threshold(stages))
     wall_seconds = time.time() - started
     load["end"] = os.getloadavg()[0]
     summary = build_safe_summary(layout, stages, seed, fast, wall_seconds, load)
