@@ -19,6 +19,13 @@ is floor / measured time (1.0: every FLOP at the probe's rate).
 
 Prints progress lines, then one line of JSON (the last line). Usage, from anywhere:
     python benchmarks/bench_ppo.py [--steps 11] [--warmup 1] [--shapes default|large|smollm2] [--mkl-avx2] [--json out.json]
+    python benchmarks/bench_ppo.py --algorithm grpo   # or rloo: 4 prompts x 2 completions, no critic
+
+`--algorithm grpo|rloo` matches the peer's bench_trl_grpo_rloo.py: 8 completions per step = 4
+prompts x 2 (num_return_sequences), KL coefficient 0.05 against the reference (GRPO: k3 KL loss
+term, RLOO: in the reward, as TRL does), no critic. `--old-log-probs` picks where the actor's old
+log-probs come from: auto (the trainer's rule: the rollout engine's when fp32 without AMP),
+rollout, or recompute (an actor scoring forward).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchutil import PEER_REFERENCE, Window, describe_mkl, emit_result, gemm_probe, peak_rss_mib, setup_process  # noqa: E402
+from benchutil import PEER_REFERENCE, PEER_REFERENCE_BY_ALGORITHM, Window, describe_mkl, emit_result, gemm_probe, peak_rss_mib, setup_process  # noqa: E402
 from flops import Decoder, by_bench_phase, floor_report, ppo_step_flops  # noqa: E402
 from shapes import SHAPES, build_causal_lm, llama_config  # noqa: E402
 
@@ -45,7 +52,11 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="default")
     parser.add_argument("--steps", type=int, default=11, help="PPO steps run, warm-up included")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=8, help="prompts per PPO step")
+    parser.add_argument("--algorithm", choices=("ppo", "grpo", "rloo"), default="ppo")
+    parser.add_argument("--batch", type=int, default=None, help="prompts per step (default 8 for ppo, 4 for grpo/rloo)")
+    parser.add_argument("--completions-per-prompt", type=int, default=None, help="default 1 for ppo, 2 for grpo/rloo")
+    parser.add_argument("--kl", type=float, default=0.05, help="grpo/rloo: KL coefficient (the peer's beta)")
+    parser.add_argument("--old-log-probs", choices=("auto", "rollout", "recompute"), default="auto")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-6)
@@ -57,6 +68,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must be larger than --warmup")
+    group = args.algorithm != "ppo"
+    args.batch = args.batch if args.batch is not None else (4 if group else 8)
+    args.completions_per_prompt = args.completions_per_prompt if args.completions_per_prompt is not None else (2 if group else 1)
+    if group and args.completions_per_prompt < 2:
+        parser.error(f"--algorithm {args.algorithm} needs --completions-per-prompt >= 2")
     return args
 
 
@@ -128,8 +144,10 @@ def main(argv=None):
     score_config = llama_config(shapes, max_length)
     paddle.seed(args.seed + 1)
     reward_model = AutoModelForScore.from_config(score_config, score_type="reward", do_normalize=False)
-    critic = AutoModelForScore.from_config(score_config, score_type="critic", do_normalize=False)
-    critic.set_state_dict(reward_model.state_dict())
+    critic = None
+    if args.algorithm == "ppo":
+        critic = AutoModelForScore.from_config(score_config, score_type="critic", do_normalize=False)
+        critic.set_state_dict(reward_model.state_dict())
 
     paddle.seed(args.seed)
     vocab = shapes["vocab_size"]
@@ -137,10 +155,15 @@ def main(argv=None):
     prompt_ids = paddle.randint(4, vocab, [args.batch * args.steps, args.prompt_len], dtype="int64").numpy().tolist()
     dataset = FixedLengthPrompts(prompt_ids, tokenizer.pad_token_id)
 
+    rows = args.batch * args.completions_per_prompt
+    algorithm = {"ppo": {}, "grpo": dict(kl_coeff=0.0, kl_loss_coeff=args.kl), "rloo": dict(kl_coeff=args.kl)}[args.algorithm]
     training_args = PPOTrainingArguments(
         output_dir=os.path.join(work_dir, "ppo"),
+        rl_algorithm=args.algorithm,
+        num_return_sequences=args.completions_per_prompt,
+        **algorithm,
         per_device_prompt_batch_size=args.batch,
-        per_device_train_batch_size=args.batch,
+        per_device_train_batch_size=rows,
         gradient_accumulation_steps=1,
         update_iters=1,
         max_steps=args.steps,
@@ -152,7 +175,6 @@ def main(argv=None):
         critic_warmup_ratio=0.0,
         temperature=1.0,
         top_p=1.0,
-        num_return_sequences=1,
         ptx_coeff=0.0,
         logging_steps=args.steps,
         save_strategy="no",
@@ -166,6 +188,8 @@ def main(argv=None):
         args=training_args, actor_model=actor, reference_model=reference, reward_model=reward_model,
         critic_model=critic, tokenizer=tokenizer, train_dataset=dataset, max_length=max_length,
     )
+    # Read by RLTrainer.old_log_probs_from_rollout (None: its automatic rule).
+    training_args.old_log_probs_from_rollout = {"auto": None, "rollout": True, "recompute": False}[args.old_log_probs]
     # No stop token, like the peer (stop_token=None): an EOS id outside the vocabulary.
     trainer.engine = RolloutEngine(actor, eos_token_id=vocab, pad_token_id=tokenizer.pad_token_id, backend=args.backend)
 
@@ -173,9 +197,11 @@ def main(argv=None):
     clock.wrap(trainer, "make_experience", "make_experience", starts_step=True)
     clock.wrap(trainer.engine, "generate", "generation")
     clock.wrap(trainer.actor_trainer, "training_step", "actor")
-    clock.wrap(trainer.critic_trainer, "training_step", "critic")
-    for role in ("actor", "critic"):
-        role_trainer = getattr(trainer, f"{role}_trainer")
+    roles = list(trainer.trainers)  # "actor", and "critic" for ppo
+    if "critic" in roles:
+        clock.wrap(trainer.trainers["critic"], "training_step", "critic")
+    for role in roles:
+        role_trainer = trainer.trainers[role]
         create = role_trainer.create_optimizer_and_scheduler
 
         def create_and_time(*a, _create=create, _trainer=role_trainer, _role=role, **k):
@@ -206,17 +232,23 @@ def main(argv=None):
     measured = list(range(args.warmup, len(clock.steps)))
     phases = {}
     for phase in PHASES:
+        if phase == "critic" and "critic" not in roles:
+            continue
         if phase == "scoring":
             values = [clock.steps[i]["make_experience"] - clock.steps[i]["generation"] for i in measured]
         else:
             values = [clock.steps[i][phase] for i in measured]
         phases[phase] = round(statistics.median(values), 4)
     step_median = statistics.median(step_seconds[i] for i in measured)
-    new_tokens = args.batch * args.new_tokens
+    new_tokens = rows * args.new_tokens
     generation_tps = new_tokens / phases["generation"]
 
     # After training, in this process: the same MKL kernels, threads and (shared) machine.
-    passes = ppo_step_flops(Decoder.from_shapes(shapes), args.batch, args.prompt_len, args.new_tokens)
+    from_rollout = trainer.old_log_probs_from_rollout
+    passes = ppo_step_flops(
+        Decoder.from_shapes(shapes), rows, args.prompt_len, args.new_tokens,
+        with_critic="critic" in roles, with_actor_scoring=not from_rollout,
+    )  # fmt: skip
     probe = gemm_probe()
     floor = floor_report(passes, probe["gflops_per_second"], phases, step_median)
     floor_result = {
@@ -230,14 +262,18 @@ def main(argv=None):
         "phase_floor_seconds": {name: round(value, 4) for name, value in floor["phase_floor_seconds"].items()},
         "phase_share_of_floor": {name: round(value, 3) for name, value in floor["phase_share_of_floor"].items()},
     }
-    peer = PEER_REFERENCE.get(args.shapes, {})
+    peer = dict(PEER_REFERENCE.get(args.shapes, {}))
+    if args.algorithm != "ppo":  # the peer's GRPO/RLOO step; its PPO memory is not comparable
+        peer = {"trl_ppo_step_seconds": PEER_REFERENCE_BY_ALGORITHM[args.algorithm][args.shapes]} if args.shapes in PEER_REFERENCE_BY_ALGORITHM[args.algorithm] else {}
     ratios = {}
     if "trl_ppo_step_seconds" in peer:
         ratios["step_throughput_vs_trl_peer"] = round(peer["trl_ppo_step_seconds"] / step_median, 2)
     if "trl_ppo_peak_rss_mib" in peer:
         ratios["peak_rss_vs_trl_peer"] = round(rss / peer["trl_ppo_peak_rss_mib"], 2)
     result = {
-        "bench": "ppo",
+        "bench": "ppo" if args.algorithm == "ppo" else args.algorithm,
+        "algorithm": args.algorithm,
+        "old_log_probs_from_rollout": from_rollout,
         "ppo_step_seconds": round(step_median, 4),
         "generated_tokens_per_second": round(new_tokens / step_median, 1),
         "generation_phase_tokens_per_second": round(generation_tps, 1),
@@ -252,11 +288,15 @@ def main(argv=None):
         "ratios": ratios,
         "other_processes_cores_avg": round(window.foreign_cores, 2),
         "config": {"shapes": args.shapes, **shapes, "batch": args.batch, "prompt_len": args.prompt_len,
+                   "completions_per_prompt": args.completions_per_prompt, "rows": rows,
                    "new_tokens": args.new_tokens, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
                    "update_iters": 1, "micro_batches": 1, "dtype": "float32"},
         "environment": {**environment, "paddle": paddle.__version__, "cpu_count": os.cpu_count()},
     }
-    print(f"PPO step median {step_median:.3f} s over {len(measured)} steps -> {new_tokens / step_median:.1f} generated tokens/s "
+    if ratios.get("step_throughput_vs_trl_peer"):
+        print(f"step throughput vs the peer's TRL {args.algorithm.upper()} step ({peer['trl_ppo_step_seconds']} s, its README): "
+              f"{ratios['step_throughput_vs_trl_peer']:.2f}x", flush=True)
+    print(f"{args.algorithm.upper()} step median {step_median:.3f} s over {len(measured)} steps -> {new_tokens / step_median:.1f} generated tokens/s "
           f"end to end; phases (s): {phases}; peak RSS {rss:.0f} MiB", flush=True)
     by_phase = ", ".join(f"{name} {value / 1e3:.3f}" for name, value in floor_result["gflop_by_phase"].items())
     print(f"step arithmetic {floor_result['tflop_per_step']:.3f} TFLOP ({by_phase}); GEMM probe {probe['shape']} fp32, "

@@ -19,6 +19,8 @@ PEER_REFERENCE = {
     "default": {"hf_generate_tokens_per_second": 1913.0, "trl_ppo_step_seconds": 1.11, "trl_ppo_peak_rss_mib": 823.0},
     "smollm2": {"trl_ppo_step_seconds": 43.2, "trl_ppo_peak_rss_mib": 8248.0},  # 2026-12-01, AVX2-only AMD EPYC
 }
+# The peer's GRPO / RLOO steps (bench_trl_grpo_rloo.py: 4 prompts x 2 completions, 1 thread), per --shapes.
+PEER_REFERENCE_BY_ALGORITHM = {"grpo": {"default": 0.548}, "rloo": {"default": 0.587}}
 
 
 def setup_process(threads: int = 1, mkl_avx2: bool = False) -> dict:

