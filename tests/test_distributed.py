@@ -651,8 +651,9 @@ def test_offload_leaves_to_paddle_what_group_sharded_offload_already_moves():
 
     everything = ["freeze_model", "optimizer", "train_model"]
     assert managed_offload_objects(everything) == [
-        "reference_model", "reward_model", "actor_optimizer", "critic_optimizer",
-        "actor_model", "critic_model", "actor_rollout_model", "critic_rollout_model",
+        "reference_model", "reward_model", "cost_model", "actor_optimizer", "critic_optimizer", "cost_critic_optimizer",
+        "actor_model", "critic_model", "cost_critic_model", "actor_rollout_model", "critic_rollout_model",
+        "cost_critic_rollout_model",
     ]
     # stage2 offload: the sharded optimizer keeps its states on the host; moving them again would
     # be a second offload of the same tensors.
@@ -660,12 +661,16 @@ def test_offload_leaves_to_paddle_what_group_sharded_offload_already_moves():
     assert "actor_model" in managed_offload_objects(everything, sharding="stage2 offload")
     # stage3 offload: parameter shards too; the plain rollout copies are still ours to move.
     stage3 = managed_offload_objects(everything, sharding=["stage3", "offload"])
-    assert stage3 == ["reference_model", "reward_model", "actor_rollout_model", "critic_rollout_model"]
+    assert stage3 == [
+        "reference_model", "reward_model", "cost_model", "actor_rollout_model", "critic_rollout_model",
+        "cost_critic_rollout_model",
+    ]
     with pytest.raises(ValueError, match="stage3 offload"):
         managed_offload_objects(["train_model"], sharding="stage3")
     # PaddleNLP's own optimizer-offload flag means the same as the 'optimizer' token, once.
-    assert managed_offload_objects(["optimizer"], offload_optim=True) == ["actor_optimizer", "critic_optimizer"]
-    assert managed_offload_objects([], offload_optim=True) == ["actor_optimizer", "critic_optimizer"]
+    optimizers = ["actor_optimizer", "critic_optimizer", "cost_critic_optimizer"]
+    assert managed_offload_objects(["optimizer"], offload_optim=True) == optimizers
+    assert managed_offload_objects([], offload_optim=True) == optimizers
 
 
 def _experience(seed: int, batch: int = 3, length: int = 9):
