@@ -104,6 +104,17 @@ def test_train_top_layers_only_freezes_the_rest_and_gradients_stop_there(tiny_ll
         assert (parameter.grad is not None) == (name in trainable), name
 
 
+def test_train_top_layers_zero_leaves_only_the_final_norm_and_the_head(tiny_llama_dir):
+    from ppo.models import AutoModelForScore
+
+    # What config/smollm2/rm_argument.json uses: a reward head fitted on the frozen model's features.
+    model = AutoModelForScore.from_pretrained(tiny_llama_dir, score_type="reward")
+    summary = train_top_layers_only(model, 0)
+    trainable = sorted(name for name, p in model.named_parameters() if not p.stop_gradient)
+    assert trainable == ["llama.norm.weight"] + sorted(n for n, _ in model.named_parameters() if n.startswith("score_head"))
+    assert "top 0 of 2 decoder layers" in summary.describe()
+
+
 def test_train_top_layers_only_rejects_out_of_range_values(tiny_llama_dir):
     from ppo.models import AutoModelForScore
 
@@ -209,6 +220,10 @@ def test_chance_test_p_value():
     result = real_model.chance_test(0.75, 4)  # 3 of 4 right: P(X >= 3) = 5/16 for fair coins
     assert result["rm_heldout_correct"] == 3 and result["rm_p_value_vs_chance"] == pytest.approx(5 / 16)
     assert real_model.chance_test(0.5, 100)["rm_heldout_accuracy_stderr"] == pytest.approx(0.05)
+    low, high = real_model.chance_test(0.585, 400)["rm_heldout_accuracy_ci95"]  # Wilson: 0.536-0.632
+    assert low == pytest.approx(0.5361, abs=1e-4) and high == pytest.approx(0.6323, abs=1e-4)
+    low, high = real_model.chance_test(1.0, 4)["rm_heldout_accuracy_ci95"]
+    assert 0.5 < low < high == pytest.approx(1.0)  # inside [0, 1], unlike mean ± 1.96 stderr
 
 
 def test_missing_model_package_says_how_to_install_it(monkeypatch, tmp_path):
@@ -252,7 +267,8 @@ def test_fast_real_run_writes_every_result(fast_run):
                 "reward_after_greedy", "kl_to_reference", "wall_seconds"):  # fmt: skip
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
     assert summary["rm_heldout_pairs"] == 8 and summary["ppo_steps"] == 2 and summary["evaluation"]["prompts"] == 4
-    assert list(summary["stage_seconds"]) == ["assets", "rm", "ppo", "evaluate"]
+    assert list(summary["stage_seconds"]) == list(summary["stage_cpu_seconds"]) == ["assets", "rm", "ppo", "evaluate"]
+    assert 0 < summary["stage_cpu_seconds"]["rm"] and summary["cpu_seconds"] == pytest.approx(sum(summary["stage_cpu_seconds"].values()))
     samples = [json.loads(line) for line in open(results / "samples.jsonl", encoding="utf-8")]
     assert len(samples) == 3 and all(sample["before_greedy"] and sample["after_greedy"] for sample in samples)
     with open(results / "training_curves.png", "rb") as handle:

@@ -37,6 +37,7 @@ from ppo.data.truncation import DEFAULT_PROMPT_TRUNCATION  # noqa: E402
 from ppo.demo.evaluate import (  # noqa: E402
     Generation,
     SamplingSettings,
+    check_finite,
     generate_and_score,
     load_causal_lm,
     load_reward_model,
@@ -191,14 +192,6 @@ def evaluate(
                     record = {"model": name, "decoding": decoding, "prompt": prompt_text(dataset[generation.prompt_index])}
                     handle.write(json.dumps({**record, **asdict(generation)}) + "\n")
     return results
-
-
-def check_finite(results: dict) -> None:
-    for block, values in results.items():
-        if isinstance(values, dict) and block != "settings":
-            bad = {k: v for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
-            if bad:
-                raise FloatingPointError(f"non-finite evaluation results in {block}: {bad}")
 
 
 def write_json(path: str, value) -> None:
