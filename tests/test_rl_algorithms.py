@@ -212,3 +212,14 @@ def test_demo_judge_is_a_reward_function():
     scores = score_responses([function], [prompt] * 2, responses, [{"input": prompt}] * 2)
     assert scores == {"judge_reward": [judge(prompt, r) for r in responses]} == {"judge_reward": [1.0, 0.0]}
     assert judge_reward(prompt, responses[0], {}) == 1.0
+
+
+def test_quickstart_group_algorithms_sample_groups_and_rloo_whitens():
+    from ppo.demo.quickstart import ppo_stage_overrides
+
+    grpo, rloo = ppo_stage_overrides("grpo", "judge"), ppo_stage_overrides("rloo", "judge")
+    for overrides in (grpo, rloo):
+        assert overrides["num_return_sequences"] == "4" and overrides["reward_model_weight"] == "0"
+    assert grpo["whiten_advantages"] == "false"  # already in units of the group's std
+    assert rloo["whiten_advantages"] == "true"  # reward units otherwise
+    assert ppo_stage_overrides() == {}

@@ -64,10 +64,13 @@ FAST_OVERRIDES = {
 }  # fmt: skip
 # `--algorithm` / `--reward`: flags added to the PPO stage only (none for the default ppo + reward model).
 # Critic-free algorithms sample 4 responses for each of 8 prompts: the same 32 responses per rollout
-# as PPO's 32 prompts x 1, and a group to compare each response with; the group advantages are
-# not whitened again over the batch.
+# as PPO's 32 prompts x 1, and a group to compare each response with. GRPO's advantages are already
+# in units of the group's std, so they are not whitened again; RLOO's are in reward units (±0.5 for
+# the judge), so they are whitened over the batch (sign and order kept, scale 1) — unwhitened, the
+# same learning rate moved the judge score by less than 0.3 for two of three seeds.
 ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_plus_plus")
 GROUP_OVERRIDES = {"num_return_sequences": "4", "per_device_prompt_batch_size": "8", "whiten_advantages": "false"}
+WHITENED_GROUP_ALGORITHMS = ("rloo",)
 REWARDS = {
     "model": {},
     "judge": {"reward_functions": "ppo.demo.task:judge_reward", "reward_model_weight": "0"},
@@ -82,6 +85,8 @@ def ppo_stage_overrides(algorithm: str = "ppo", reward: str = "model") -> Dict[s
     overrides = {} if algorithm == "ppo" else {"rl_algorithm": algorithm}
     if algorithm in ("grpo", "rloo"):
         overrides.update(GROUP_OVERRIDES)
+    if algorithm in WHITENED_GROUP_ALGORITHMS:
+        overrides["whiten_advantages"] = "true"
     return {**overrides, **REWARDS[reward]}
 
 
