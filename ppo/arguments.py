@@ -164,6 +164,12 @@ class PPOTrainingArguments(TrainingArguments, LagrangianArguments):
         default=3, metadata={"help": "Stop after this many consecutive updates with NaN/inf loss (each is skipped)."}
     )
     num_eval_samples_to_save: int = field(default=8, metadata={"help": "Generations written per evaluation."})
+    old_log_probs_from_rollout: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Take the actor's old log-probs from the rollout engine (one actor forward less per rollout). "
+                          "Unset: when the run is fp32 without AMP, where they equal the recomputation to float32 "
+                          "rounding; false: always recompute."},
+    )
     # Critic overrides of the TrainingArguments
     critic_learning_rate: float = field(default=5e-6, metadata={"help": "Learning rate of the critic."})
     critic_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the critic."})

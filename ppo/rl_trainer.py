@@ -430,7 +430,7 @@ class RLTrainer:
         scoring forward runs in half precision and the recomputation is kept."""
         if self.engine.backend != "decoder":
             return False
-        setting = getattr(self.args, "old_log_probs_from_rollout", None)
+        setting = self.args.old_log_probs_from_rollout
         if setting is not None:
             return bool(setting)
         if self.args.fp16 or self.args.bf16:

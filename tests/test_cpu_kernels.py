@@ -241,3 +241,18 @@ def test_plain_kernels_trace_under_to_static(fused_kernels_raise):
     hidden, weight, gate_up = paddle.randn([2, 8]), paddle.ones([8]), paddle.randn([2, 6])
     traced = paddle.jit.to_static(block, full_graph=True)
     np.testing.assert_allclose(traced(hidden, weight, gate_up).numpy(), block(hidden, weight, gate_up).numpy(), rtol=1e-5)
+
+
+def test_paddlenlp_rms_norm_on_cpu_squares_instead_of_pow_and_matches_it():
+    from paddlenlp.transformers import LlamaConfig
+    from paddlenlp.transformers.llama.modeling import LlamaRMSNorm
+    from paddlenlp.transformers.qwen2.modeling import Qwen2RMSNorm
+
+    from ppo.models import kernels
+
+    assert LlamaRMSNorm.forward is kernels._rms_norm_forward and Qwen2RMSNorm.forward is kernels._rms_norm_forward
+    norm = LlamaRMSNorm(LlamaConfig(hidden_size=64, rms_norm_eps=1e-5))
+    x = paddle.randn([2, 5, 64])
+    original = kernels._PADDLENLP_RMS_NORM_FORWARD[LlamaRMSNorm](norm, x)
+    np.testing.assert_allclose(norm(x).numpy(), original.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(kernels.rms_norm(x, norm.weight, 1e-5).numpy(), original.numpy(), rtol=1e-6, atol=1e-6)
