@@ -336,7 +336,7 @@ class RLTrainer:
             "rollout": ("actor_rollout_model",),
             "score": (*rollout_models, "reference_model", "reward_model", *self.extra_frozen_names()),
             "train": trained,
-            "eval": ("actor_rollout_model", "reward_model"),
+            "eval": ("actor_rollout_model", "reward_model", *self.extra_frozen_names()),
             "save": trained,
             "refresh": (*(f"{role}_model" for role in roles), *rollout_models),
         }[phase]

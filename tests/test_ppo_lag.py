@@ -49,7 +49,11 @@ def test_token_rewards_and_costs_share_the_kl_penalty():
 def test_ppo_lag_trains_logs_and_saves_the_cost_side(lag_assets, tmp_path):
     output = tmp_path / "out"
     # Every cost (about 0) is above the threshold: λ must grow at each rollout.
-    trainer = run(lag_assets, output, threshold=-1.0, evaluation_strategy="steps", eval_steps=2, **LAG)
+    # offload_level freeze_model: the cost model is offloaded outside the phases that score with it
+    # (a no-op move on CPU, but the schedule is checked: a use while offloaded raises).
+    trainer = run(
+        lag_assets, output, threshold=-1.0, evaluation_strategy="steps", eval_steps=2, offload_level="freeze_model", **LAG
+    )
     rows = read_metrics(output)
     train = [row for row in rows if "train/reward" in row]
     for name in ("train/cost", "train/episode_cost", "train/lambda", "train/cost_critic_loss", "train/cost_critic_lr",
