@@ -76,14 +76,12 @@ def test_fast_safe_plan_shortens_every_training_stage(tmp_path):
 
 
 def test_ppo_lag_config_is_the_ppo_config_plus_the_cost_side():
-    """"Same settings otherwise": only the paths and the Lagrangian keys differ, and offload_level
-    (memory placement, no effect on the numbers): PPO-Lag's evaluation scores with the cost model,
-    which the trainer's "eval" phase does not load back under freeze_model offloading."""
+    """"Same settings otherwise": only the paths and the Lagrangian keys differ."""
     ppo, lag = load_config("ppo_argument.json"), load_config("ppo_lag_argument.json")
     differing = {key for key in set(ppo) | set(lag) if ppo.get(key, "absent") != lag.get(key, "absent")}
     assert differing == {
         "reward_model_name_or_path", "output_dir", "cost_model_name_or_path", "rl_algorithm", "threshold",
-        "lambda_init", "lambda_lr", "lambda_max", "lambda_update_delay_steps", "episode_cost_window_size", "offload_level",
+        "lambda_init", "lambda_lr", "lambda_max", "lambda_update_delay_steps", "episode_cost_window_size",
     }  # fmt: skip
     assert lag["rl_algorithm"] == "ppo_lag"
     assert (lag["reward_model_name_or_path"], lag["cost_model_name_or_path"], lag["output_dir"]) == tuple(
