@@ -151,10 +151,11 @@ def test_full_run_produces_metrics_checkpoints_and_loadable_models(ppo_assets, t
         missing = [name for name in REQUIRED_METRICS if name not in record]
         assert not missing, f"metrics missing at step {record['step']}: {missing}"
         assert all(np.isfinite(v) for k, v in record.items() if k != "step")
-    # Actor == reference before the first update: the first rollout's KL is exactly 0.
-    assert train_records[0]["train/kl_divergence"] == 0.0
+    # Actor == reference before the first update: the first rollout's KL is 0 up to float32
+    # rounding (the old log-probs come from the rollout engine, the reference's from a forward).
+    assert abs(train_records[0]["train/kl_divergence"]) < 1e-5
     # ... and the updates move the actor away from the reference.
-    assert train_records[-1]["train/kl_divergence"] != 0.0
+    assert abs(train_records[-1]["train/kl_divergence"]) > 1e-3
     eval_records = [r for r in records if "eval/reward" in r]
     assert [r["step"] for r in eval_records] == [2, 4]
     with open(output / "eval_samples" / "step-4.jsonl", encoding="utf-8") as f:
