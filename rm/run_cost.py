@@ -25,33 +25,17 @@ from ppo.runtime import prepare_process  # noqa: E402
 prepare_process()  # before Paddle loads: CPU floor check, MKL's AVX2 kernels on AMD
 
 from paddlenlp.trainer import set_seed  # noqa: E402
-from paddlenlp.utils.log import logger  # noqa: E402
 
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import SafetyPreferenceDataset  # noqa: E402
-from ppo.model_io import load_tokenizer  # noqa: E402
-from ppo.model_import import resolve_model_path  # noqa: E402
-from ppo.models import AutoModelForScore  # noqa: E402
-from ppo.models.freezing import train_top_layers_only  # noqa: E402
-from ppo.stage import build_stage_trainer, model_placement, run_stage  # noqa: E402
+from ppo.stage import run_stage  # noqa: E402
 from rm.cost_trainer import CostArguments, CostTrainer  # noqa: E402
+from rm.run_reward import build_score_trainer  # noqa: E402
 
 
 def build_trainer(args: CostArguments) -> CostTrainer:
-    model_path = resolve_model_path(args.model_name_or_path, role="model_name_or_path")  # HF dir / GGUF → Paddle dir
-    tokenizer = load_tokenizer(model_path, padding_side="right")
-    model = AutoModelForScore.from_pretrained(
-        model_path,
-        **model_placement(args),
-        score_type="cost",  # its normaliser scales without shifting, so the sign survives
-        do_normalize=args.normalize_score_during_training,
-        normalizer_type=args.normalizer_type,
-        momentum=args.normalizer_momentum,
-    )
-    trainable = train_top_layers_only(model, args.train_top_layers)
-    if trainable is not None:
-        logger.info(f"cost model: {trainable.describe()} (train_top_layers={args.train_top_layers})")
-    return build_stage_trainer(CostTrainer, args, model, tokenizer, SafetyPreferenceDataset)
+    # score_type cost: its normaliser scales without shifting, so the sign survives.
+    return build_score_trainer(args, CostTrainer, SafetyPreferenceDataset, "cost")
 
 
 def main(argv=None) -> dict:

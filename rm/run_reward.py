@@ -37,21 +37,26 @@ from ppo.stage import build_stage_trainer, model_placement, run_stage  # noqa: E
 from rm.reward_trainer import RewardArguments, RewardTrainer  # noqa: E402
 
 
-def build_trainer(args: RewardArguments) -> RewardTrainer:
+def build_score_trainer(args: RewardArguments, trainer_class, dataset_class, score_type: str):
+    """A score model (reward or cost) from `model_name_or_path` and its stage Trainer."""
     model_path = resolve_model_path(args.model_name_or_path, role="model_name_or_path")  # HF dir / GGUF → Paddle dir
     tokenizer = load_tokenizer(model_path, padding_side="right")  # fast tokenizer when tokenizer.json exists
     model = AutoModelForScore.from_pretrained(
         model_path,
         **model_placement(args),  # under tensor parallel the score head is replicated
-        score_type="reward",
+        score_type=score_type,
         do_normalize=args.normalize_score_during_training,
         normalizer_type=args.normalizer_type,
         momentum=args.normalizer_momentum,
     )
     trainable = train_top_layers_only(model, args.train_top_layers)
     if trainable is not None:
-        logger.info(f"reward model: {trainable.describe()} (train_top_layers={args.train_top_layers})")
-    return build_stage_trainer(RewardTrainer, args, model, tokenizer, PreferenceDataset)
+        logger.info(f"{score_type} model: {trainable.describe()} (train_top_layers={args.train_top_layers})")
+    return build_stage_trainer(trainer_class, args, model, tokenizer, dataset_class)
+
+
+def build_trainer(args: RewardArguments) -> RewardTrainer:
+    return build_score_trainer(args, RewardTrainer, PreferenceDataset, "reward")
 
 
 def main(argv=None) -> dict:
