@@ -5,7 +5,7 @@
 #   bash benchmarks/compare_trl.sh                # 2 rounds, default shapes
 #   ROUNDS=3 OURS_ARGS="--mkl-avx2" bash benchmarks/compare_trl.sh
 #   SHAPES=smollm2 ROUNDS=1 bash benchmarks/compare_trl.sh   # SmolLM2-135M architecture, ~1 min per step each
-#   PEER_VENV=/work/trlvenv bash benchmarks/compare_trl.sh    # an existing venv with the peer's requirements
+#   PEER_VENV=../trlvenv bash benchmarks/compare_trl.sh    # an existing venv with the peer's requirements
 #
 # Environment: ROUNDS (2), SHAPES (default | smollm2: passed as --shapes to ours, and to the
 # peer's build_assets.py, whose assets go to their own folder), PPO_STEPS / GEN_REPS (steps,
