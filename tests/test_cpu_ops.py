@@ -39,6 +39,7 @@ def test_install_swaps_the_module_functions_and_turns_strided_views_off():
     assert llama_modeling.apply_rotary_pos_emb is cpu_ops.apply_rotary_pos_emb
     assert llama_modeling.scaled_dot_product_attention is cpu_ops.llama_scaled_dot_product_attention
     assert qwen2_modeling.scaled_dot_product_attention is cpu_ops.qwen2_scaled_dot_product_attention
+    assert llama_modeling.repeat_kv is cpu_ops.repeat_kv and qwen2_modeling.repeat_kv is cpu_ops.repeat_kv
     assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] is False
 
 
@@ -68,16 +69,21 @@ def additive_causal_mask(rows, length, pad_left):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("output_attentions", [False, True])
-def test_attention_matches_paddlenlp(family, output_attentions):
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_matches_paddlenlp(family, output_attentions, kv_heads):
+    """Grouped-query keys and values go in unrepeated; PaddleNLP's attention gets them repeated."""
     rng = np.random.default_rng(0)
-    q, k, v = (leaf(rng.standard_normal([3, 6, 4, 8]).astype("float32")) for _ in range(3))
+    q = leaf(rng.standard_normal([3, 6, 4, 8]).astype("float32"))
+    k, v = (leaf(rng.standard_normal([3, 6, kv_heads, 8]).astype("float32")) for _ in range(2))
     mask = additive_causal_mask(3, 6, [0, 1, 3])
     config = build_tiny_causal_lm(family, seed=0).config
     config.attention_dropout = 0.0
     ours_fn = cpu_ops.llama_scaled_dot_product_attention if family == "llama" else cpu_ops.qwen2_scaled_dot_product_attention
     theirs_fn = _PADDLENLP_FUNCTIONS[(family, "scaled_dot_product_attention")]
+    assert cpu_ops.repeat_kv(k, 4 // kv_heads) is k
+    repeat = _PADDLENLP_FUNCTIONS[(family, "repeat_kv")]
     ours = ours_fn(q, config, k, v, mask, output_attentions)
-    theirs = theirs_fn(q, config, k, v, mask, output_attentions)
+    theirs = theirs_fn(q, config, repeat(k, 4 // kv_heads), repeat(v, 4 // kv_heads), mask, output_attentions)
     ours, theirs = (list(x) if output_attentions else [x] for x in (ours, theirs))
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape
@@ -87,23 +93,27 @@ def test_attention_matches_paddlenlp(family, output_attentions):
 
 
 def test_attention_falls_back_to_paddlenlp_without_a_mask():
+    """The fallback repeats grouped keys and values itself."""
     rng = np.random.default_rng(0)
-    q, k, v = (paddle.to_tensor(rng.standard_normal([2, 5, 4, 8]).astype("float32")) for _ in range(3))
+    q = paddle.to_tensor(rng.standard_normal([2, 5, 4, 8]).astype("float32"))
+    k, v = (paddle.to_tensor(rng.standard_normal([2, 5, 2, 8]).astype("float32")) for _ in range(2))
     config = build_tiny_causal_lm("llama", seed=0).config
     ours = cpu_ops.llama_scaled_dot_product_attention(q, config, k, v, None, False)
-    theirs = _PADDLENLP_FUNCTIONS[("llama", "scaled_dot_product_attention")](q, config, k, v, None, False)
+    repeat = _PADDLENLP_FUNCTIONS[("llama", "repeat_kv")]
+    theirs = _PADDLENLP_FUNCTIONS[("llama", "scaled_dot_product_attention")](q, config, repeat(k, 2), repeat(v, 2), None, False)
     np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
 
 
+@pytest.mark.parametrize("kv_heads", [None, 2])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_whole_model_forward_and_backward_match_paddlenlp_functions(family, monkeypatch):
+def test_whole_model_forward_and_backward_match_paddlenlp_functions(family, kv_heads, monkeypatch):
     """A tiny model's loss and every parameter gradient with the CPU functions, and with
-    PaddleNLP's own functions and RMSNorm forward put back."""
+    PaddleNLP's own functions and RMSNorm forward put back (multi-head and grouped-query)."""
     ids = paddle.to_tensor(np.random.default_rng(0).integers(4, 100, size=[2, 9]), dtype="int64")
     mask = paddle.to_tensor(np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9]), dtype="int64")
 
     def loss_and_grads():
-        model = build_tiny_causal_lm(family, seed=0)
+        model = build_tiny_causal_lm(family, seed=0, num_key_value_heads=kv_heads)
         model.config.attention_dropout = 0.0
         logits = model(input_ids=ids, attention_mask=mask, return_dict=True).logits
         loss = (logits * logits).mean()
@@ -113,7 +123,8 @@ def test_whole_model_forward_and_backward_match_paddlenlp_functions(family, monk
     ours_loss, ours_grads = loss_and_grads()
     module = llama_modeling if family == "llama" else qwen2_modeling
     monkeypatch.setattr(module, "apply_rotary_pos_emb", _PADDLENLP_FUNCTIONS[(family, "apply_rotary_pos_emb")])
-    monkeypatch.setattr(module, "scaled_dot_product_attention", _PADDLENLP_FUNCTIONS[(family, "scaled_dot_product_attention")])
+    for name in ("scaled_dot_product_attention", "repeat_kv"):
+        monkeypatch.setattr(module, name, _PADDLENLP_FUNCTIONS[(family, name)])
     norm = llama_modeling.LlamaRMSNorm if family == "llama" else qwen2_modeling.Qwen2RMSNorm
     monkeypatch.setattr(norm, "forward", kernels._PADDLENLP_RMS_NORM_FORWARD[norm])
     theirs_loss, theirs_grads = loss_and_grads()
