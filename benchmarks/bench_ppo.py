@@ -183,6 +183,9 @@ def main(argv=None):
         disable_tqdm=True,
         seed=args.seed,
         offload_level="",
+        # Gradients freed after each optimizer step, as config/llama/ppo_argument.json ships and
+        # as TRL (`zero_grad(set_to_none=True)`) does: PaddleNLP's default zeroes and keeps them.
+        release_grads=True,
     )
     trainer = PPOTrainer(
         args=training_args, actor_model=actor, reference_model=reference, reward_model=reward_model,
@@ -290,7 +293,7 @@ def main(argv=None):
         "config": {"shapes": args.shapes, **shapes, "batch": args.batch, "prompt_len": args.prompt_len,
                    "completions_per_prompt": args.completions_per_prompt, "rows": rows,
                    "new_tokens": args.new_tokens, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
-                   "update_iters": 1, "micro_batches": 1, "dtype": "float32"},
+                   "update_iters": 1, "micro_batches": 1, "dtype": "float32", "release_grads": True},
         "environment": {**environment, "paddle": paddle.__version__, "cpu_count": os.cpu_count()},
     }
     if ratios.get("step_throughput_vs_trl_peer"):
