@@ -97,7 +97,7 @@ EVALUATION_SAMPLES_PER_PROMPT = 8
 FAILURE_TAIL_LINES = 30
 
 # Seconds each stage took in a full run on 2 lightly loaded CPU cores (used only for the ETA).
-EXPECTED_SECONDS = {"assets": 8, "sft": 70, "rm": 170, "ppo": 35, "evaluate": 20}
+EXPECTED_SECONDS = {"assets": 7, "sft": 27, "rm": 55, "ppo": 17, "evaluate": 10}
 EXPECTED_SECONDS_FAST = {"assets": 6, "sft": 12, "rm": 12, "ppo": 20, "evaluate": 12}
 
 CURVE_PANELS = (
