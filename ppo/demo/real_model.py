@@ -80,7 +80,7 @@ FAST_OVERRIDES = {
 FAST_EVALUATION_PROMPTS = 4
 
 # Seconds of each stage in a full run on 2 otherwise idle CPU cores (only for the ETA; ~CPU seconds / 2).
-EXPECTED_SECONDS = {"assets": 10, "rm": 780, "ppo": 420, "evaluate": 300}
+EXPECTED_SECONDS = {"assets": 17, "rm": 620, "ppo": 210, "evaluate": 120}
 EXPECTED_SECONDS_FAST = {"assets": 25, "rm": 40, "ppo": 60, "evaluate": 60}
 
 
