@@ -284,7 +284,7 @@ def test_console_filter_shows_bars_and_tagged_lines_only():
         b"/usr/lib/python3.11/site-packages/paddle/utils/cpp_extension/extension_utils.py:712: UserWarning: No ccache found.\n"
         b"  warnings.warn(warning_message)\n"
         b"/x/site-packages/_distutils_hack/__init__.py:33: UserWarning: Setuptools is replacing distutils.\n"
-        b"\x1b[32m[2026-12-01 12:43:10,879] [    INFO]\x1b[0m - Loading configuration file /tmp/base/config.json\n"
+        b"\x1b[32m[2026-12-01 12:43:10,879] [    INFO]\x1b[0m - Loading configuration file output/tiny/base/config.json\n"
         b"If your task is similar to the task the model of the checkpoint was trained on, ...\n"
         b"Generating train split: 0 examples [00:00, ? examples/s]\rGenerating train split: 2000 examples [00:00]\n"
     )
