@@ -465,17 +465,15 @@ class RLTrainer:
                 return_log_probs=rng is None and self.old_log_probs_from_rollout,
             )
 
-    def _token_log_probs(self, model, input_ids, attention_mask, position_ids, prompt_length: int) -> paddle.Tensor:  # [B, L-1]
+    def _token_log_probs(self, model, input_ids, attention_mask, position_ids, window: ResponseWindow) -> paddle.Tensor:  # [B, L-1]
         """Log-probs of the response tokens under `model` (0 at prompt and padding columns), from a
         forward over the rows' own longest response with the LM head on response positions only."""
-        window = ResponseWindow.of(attention_mask, prompt_length)
         with self.actor_trainer.autocast_smart_context_manager():
             log_probs, _ = response_log_probs(model, input_ids, attention_mask, position_ids, window, self.args.temperature)
         return window.to_full(log_probs)
 
-    def _token_values(self, model, input_ids, attention_mask, position_ids, prompt_length: int) -> paddle.Tensor:  # [B, L-1]
+    def _token_values(self, model, input_ids, attention_mask, position_ids, window: ResponseWindow) -> paddle.Tensor:  # [B, L-1]
         """A value model's scores at the positions that predict response tokens (0 elsewhere)."""
-        window = ResponseWindow.of(attention_mask, prompt_length)
         with self.actor_trainer.autocast_smart_context_manager():
             values = response_values(model, input_ids, attention_mask, position_ids, window)
         return window.to_full(values)
@@ -515,22 +513,21 @@ class RLTrainer:
             input_ids = rollout.sequences[start : start + size]
             attention_mask = rollout.attention_mask[start : start + size]
             position_ids = make_position_ids(attention_mask)
+            window = ResponseWindow.of(attention_mask, prompt_length)  # shared by every model below
             chunk = dict(input_ids=input_ids, attention_mask=attention_mask)
             values = {
-                critic.old_values_field: self._token_values(
-                    self.rollout_model(role), input_ids, attention_mask, position_ids, prompt_length
-                )
+                critic.old_values_field: self._token_values(self.rollout_model(role), input_ids, attention_mask, position_ids, window)
                 for role, critic in self.critics.items()
             }
             if rollout_log_probs is not None:
                 chunk["old_log_probs"] = rollout_log_probs[start : start + size]
             else:
                 chunk["old_log_probs"] = self._token_log_probs(
-                    self.rollout_model("actor"), input_ids, attention_mask, position_ids, prompt_length
+                    self.rollout_model("actor"), input_ids, attention_mask, position_ids, window
                 )
             if self.reference_model is not None:
                 chunk["reference_log_probs"] = self._token_log_probs(
-                    self.reference_model, input_ids, attention_mask, position_ids, prompt_length
+                    self.reference_model, input_ids, attention_mask, position_ids, window
                 )
             chunk.update(values)
             chunk["reward_scores"] = self.reward_scores(input_ids, attention_mask, prompt_length, breakdown)

@@ -16,6 +16,7 @@ from ppo.experience import Experience
 from ppo.models.ppo_model_utils import (
     ResponseWindow,
     actor_clipped_loss,
+    as_float32,
     approx_kl,
     clip_fraction,
     critic_clipped_loss,
@@ -40,17 +41,10 @@ def response_log_probs(
     predict response tokens only (`head_on_columns`), and log softmax(logits / temperature) at
     the sampled tokens: the distribution the rollout sampled from (before top-p)."""
     with head_on_columns(model, window.start, window.end) as narrowed:
-        logits = logits_of(
-            model(
-                input_ids=window.inputs(input_ids),
-                attention_mask=window.inputs(attention_mask).astype("int64"),
-                position_ids=window.inputs(position_ids),
-            )
-        )
+        logits = logits_of(_windowed_forward(model, input_ids, attention_mask, position_ids, window))
     if not narrowed:
         logits = logits[:, window.start : window.end]
-    if logits.dtype != paddle.float32:
-        logits = logits.astype("float32")
+    logits = as_float32(logits)
     if temperature != 1.0:
         logits = logits / temperature
     return gather_log_probs(logits, window.labels(input_ids)), logits
@@ -58,13 +52,17 @@ def response_log_probs(
 
 def response_values(model, input_ids, attention_mask, position_ids, window: ResponseWindow) -> paddle.Tensor:  # [B, W]
     """A value model's float32 scores at the W positions that predict response tokens."""
-    scores = model(
+    scores = _windowed_forward(model, input_ids, attention_mask, position_ids, window).scores
+    return as_float32(scores[:, window.start : window.end, 0])
+
+
+def _windowed_forward(model, input_ids, attention_mask, position_ids, window: ResponseWindow):
+    """`model` on the window's columns [0, P+W) only."""
+    return model(
         input_ids=window.inputs(input_ids),
         attention_mask=window.inputs(attention_mask).astype("int64"),
         position_ids=window.inputs(position_ids),
-    ).scores
-    values = scores[:, window.start : window.end, 0]
-    return values if values.dtype == paddle.float32 else values.astype("float32")
+    )
 
 
 class NonFiniteLossError(RuntimeError):

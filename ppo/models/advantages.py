@@ -31,7 +31,7 @@ from ppo.models.ppo_model_utils import (
     _as_bool,
     _check_same_shape,
     _check_unit_interval,
-    _fp32,
+    as_float32,
     _parse_choice,
     gae_advantages_and_returns,
     masked_sum,
@@ -68,7 +68,7 @@ def _grouped(scores: paddle.Tensor, group_size: int) -> paddle.Tensor:  # [B] ->
             f"{scores.shape[0]} responses do not split into groups of {group_size}: rows must be prompt-major, "
             "num_return_sequences per prompt"
         )
-    return _fp32(scores).reshape([-1, group_size])
+    return as_float32(scores).reshape([-1, group_size])
 
 
 def _broadcast(per_sequence: paddle.Tensor, action_mask: paddle.Tensor) -> paddle.Tensor:  # [B] -> [B, T]
@@ -122,7 +122,7 @@ def discounted_returns(
     """G_t = r_t + γ·G_{t+1} over each row's action positions (0 after the last one and outside
     the mask): GAE with V ≡ 0 and λ = 1."""
     _check_unit_interval(gamma=gamma)
-    zeros = paddle.zeros_like(_fp32(token_rewards))
+    zeros = paddle.zeros_like(as_float32(token_rewards))
     returns, _ = gae_advantages_and_returns(zeros, token_rewards, action_mask, gamma=gamma, gae_lambda=1.0)
     return returns
 

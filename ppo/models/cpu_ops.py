@@ -47,8 +47,8 @@ def _plain_cpu(*tensors) -> bool:
     return all(t.place.is_cpu_place() for t in tensors)
 
 
-def _gather_rotary(cos, sin, position_ids, seq_len, shape):
-    """The [1, max_pos, 1, dim] tables at each row's positions, expanded to `shape`; the sine with
+def _gather_rotary(cos, sin, position_ids, seq_len):
+    """The [1, max_pos, 1, dim] tables at each row's positions, [rows, seq, 1, dim]; the sine with
     its first half negated, so that rotate_half(x) * sin == roll(x, dim / 2) * sin_signed."""
     with paddle.no_grad():
         if position_ids is None:
@@ -59,22 +59,26 @@ def _gather_rotary(cos, sin, position_ids, seq_len, shape):
             cos = paddle.index_select(cos.reshape([-1, dim]), flat).reshape([rows, seq_len, 1, dim])
             sin = paddle.index_select(sin.reshape([-1, dim]), flat).reshape([rows, seq_len, 1, dim])
         half = sin.shape[-1] // 2
-        sin_signed = paddle.concat([-sin[..., :half], sin[..., half:]], axis=-1)
-        return cos.expand(list(shape)), sin_signed.expand(list(shape))
+        return cos, paddle.concat([-sin[..., :half], sin[..., half:]], axis=-1)
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, position_ids):
-    """PaddleNLP's `apply_rotary_pos_emb` (q, k: [bs, seq, heads, dim]) with the tables expanded
-    to each operand's shape. (Llama's and Qwen2's are the same code; either serves as fallback.)"""
+    """PaddleNLP's `apply_rotary_pos_emb` (q, k: [bs, seq, heads, dim]) with the tables gathered
+    once and expanded to each operand's shape (once when q and k have the same heads). Llama's
+    and Qwen2's are the same code; either serves as fallback."""
     if not (cos.stop_gradient and sin.stop_gradient) or not _plain_cpu(q, k, cos):
         return _PADDLENLP_FUNCTIONS[("llama", "apply_rotary_pos_emb")](q, k, cos, sin, position_ids)
-    seq_len = q.shape[1]
-    cos_q, sin_q = _gather_rotary(cos, sin, position_ids, seq_len, q.shape)
-    cos_k, sin_k = (cos_q, sin_q) if k.shape == q.shape else _gather_rotary(cos, sin, position_ids, seq_len, k.shape)
-    half = q.shape[-1] // 2
-    q_embed = q * cos_q + paddle.roll(q, half, axis=-1) * sin_q
-    k_embed = k * cos_k + paddle.roll(k, half, axis=-1) * sin_k
-    return q_embed, k_embed
+    cos, sin_signed = _gather_rotary(cos, sin, position_ids, q.shape[1])
+    expanded = {}
+
+    def rotate(x):  # x · cos + rotate_half(x) · sin
+        shape = tuple(x.shape)
+        if shape not in expanded:
+            expanded[shape] = (cos.expand(list(shape)), sin_signed.expand(list(shape)))
+        cos_x, sin_x = expanded[shape]
+        return x * cos_x + paddle.roll(x, shape[-1] // 2, axis=-1) * sin_x
+
+    return rotate(q), rotate(k)
 
 
 def repeat_kv(hidden_states: paddle.Tensor, n_rep: int) -> paddle.Tensor:

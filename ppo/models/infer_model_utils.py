@@ -27,6 +27,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ppo.models.kernels import rms_norm, swiglu
+from ppo.models.ppo_model_utils import as_float32
 
 
 class UnsupportedModelError(ValueError):
@@ -341,10 +342,6 @@ def _decoder_layer(
     return hidden + paddle.matmul(swiglu(paddle.matmul(normed, layer.gate_up)), layer.down_proj)
 
 
-def _as_float32(tensor: paddle.Tensor) -> paddle.Tensor:
-    return tensor if tensor.dtype == paddle.float32 else tensor.astype("float32")
-
-
 def _lm_logits(hidden: paddle.Tensor, weights: DecoderWeights) -> paddle.Tensor:  # [N, hidden] -> [N, V]
     normed = rms_norm(hidden, weights.final_norm, weights.rms_norm_eps)
     return paddle.matmul(normed, weights.lm_head, transpose_y=weights.lm_head_transposed)
@@ -399,7 +396,7 @@ def prefill(
     for layer in weights.layers:
         hidden = _decoder_layer(hidden, layer, weights, cos, sin_signed, attend)
     last_hidden = hidden.reshape([batch, prompt_len, -1])[:, -1]
-    logits = _as_float32(_lm_logits(last_hidden, weights))
+    logits = as_float32(_lm_logits(last_hidden, weights))
 
     # Decode-time bias: real prompt slots visible, pad and not-yet-written slots masked.
     slot_bias = paddle.full([batch, capacity], masked, dtype)
@@ -445,7 +442,7 @@ def decode_step(
     hidden = paddle.gather(weights.embed_tokens, token_ids)
     for layer in weights.layers:
         hidden = _decoder_layer(hidden, layer, weights, cos, sin_signed, attend)
-    return _as_float32(_lm_logits(hidden, weights))
+    return as_float32(_lm_logits(hidden, weights))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def _as_bool(mask: paddle.Tensor) -> paddle.Tensor:
     return mask if mask.dtype == paddle.bool else mask != 0
 
 
-def _fp32(x: paddle.Tensor) -> paddle.Tensor:
+def as_float32(x: paddle.Tensor) -> paddle.Tensor:
     return x if x.dtype == paddle.float32 else x.astype("float32")
 
 
@@ -244,7 +244,7 @@ def masked_sum(
     """sum(x[mask]) (over `axis`, or everything). Invalid entries are replaced, not multiplied,
     so a NaN/inf outside the mask cannot leak into the result."""
     _check_same_shape(x=x, mask=mask)
-    selected = paddle.where(_as_bool(mask), _fp32(x), paddle.zeros([], dtype="float32"))
+    selected = paddle.where(_as_bool(mask), as_float32(x), paddle.zeros([], dtype="float32"))
     return selected.sum() if axis is None else selected.sum(axis=axis)
 
 
@@ -290,7 +290,7 @@ def masked_variance(
 ) -> paddle.Tensor:  # scalar float32
     """Population variance over the valid tokens: token-mean((x - token-mean(x))²); 0 if empty."""
     mean = masked_mean(x, mask)
-    return masked_mean(paddle.square(_fp32(x) - mean), mask)
+    return masked_mean(paddle.square(as_float32(x) - mean), mask)
 
 
 def masked_whiten(
@@ -302,7 +302,7 @@ def masked_whiten(
     """(x - μ) / sqrt(σ² + eps) over the valid tokens (μ, σ² = token mean and population
     variance); with ``shift_mean=False`` μ is added back so only the scale changes.
     Invalid positions are 0; an empty mask gives all zeros."""
-    values = _fp32(x)
+    values = as_float32(x)
     mean = masked_mean(values, mask)
     variance = masked_variance(values, mask)
     whitened = (values - mean) * paddle.rsqrt(variance + eps)
@@ -354,7 +354,7 @@ def gather_log_probs(
     for rows in _row_chunks(logits, max_chunk_elements):
         # Slicing the whole batch would copy the logits (and, backward, their gradient) for nothing.
         chunk, target = (logits, labels) if rows == whole else (logits[rows], labels[rows])
-        nll = paddle.nn.functional.cross_entropy(_fp32(chunk), target.unsqueeze(-1), reduction="none", axis=-1)
+        nll = paddle.nn.functional.cross_entropy(as_float32(chunk), target.unsqueeze(-1), reduction="none", axis=-1)
         pieces.append(-nll.reshape(target.shape))
     return pieces[0] if len(pieces) == 1 else paddle.concat(pieces, axis=0)
 
@@ -373,7 +373,7 @@ def token_entropy(
         raise ValueError(f"expected logits [B, T, V], got shape {list(logits.shape)}")
     whole, pieces = slice(0, logits.shape[0]), []
     for rows in _row_chunks(logits, max_chunk_elements):
-        chunk = _fp32(logits if rows == whole else logits[rows])
+        chunk = as_float32(logits if rows == whole else logits[rows])
         probs = paddle.nn.functional.softmax(chunk, axis=-1)
         log_normalizer = chunk.max(axis=-1) - paddle.log(probs.max(axis=-1))
         pieces.append(log_normalizer - (probs * chunk).sum(axis=-1))
@@ -426,7 +426,7 @@ def kl_divergence_per_token(
     """The named estimator (see `KLEstimator`) of KL(π || π_ref) at every position, unmasked."""
     estimator = _parse_choice(KLEstimator, kl_estimator, "kl_estimator")
     _check_same_shape(log_probs=log_probs, reference_log_probs=reference_log_probs)
-    return KL_ESTIMATORS[estimator](_fp32(log_probs) - _fp32(reference_log_probs))
+    return KL_ESTIMATORS[estimator](as_float32(log_probs) - as_float32(reference_log_probs))
 
 
 @paddle.no_grad()
@@ -460,7 +460,7 @@ def kl_penalized_rewards(
     mask = _as_bool(action_mask)
     kl = kl_divergence_per_token(log_probs, reference_log_probs, kl_estimator)
     rewards = paddle.where(mask, -kl_coeff * kl, paddle.zeros([], dtype="float32"))
-    clipped_scores = paddle.clip(_fp32(reward_scores), -clip_range_score, clip_range_score)
+    clipped_scores = paddle.clip(as_float32(reward_scores), -clip_range_score, clip_range_score)
     last = last_action_indices(mask)  # [B], -1 for an empty row
     columns = paddle.arange(mask.shape[-1], dtype="int64").unsqueeze(0)
     at_end = columns == last.unsqueeze(-1)  # never true for -1, so empty rows get no score
@@ -486,7 +486,7 @@ def reward_and_cost_token_rewards(
         reward_scores, log_probs, reference_log_probs, action_mask, half, clip_range_score, kl_estimator
     )
     costs = -kl_penalized_rewards(
-        -_fp32(cost_scores), log_probs, reference_log_probs, action_mask, half, clip_range_score, kl_estimator
+        -as_float32(cost_scores), log_probs, reference_log_probs, action_mask, half, clip_range_score, kl_estimator
     )
     return rewards, costs
 
@@ -516,8 +516,8 @@ def gae_advantages_and_returns(
     _check_unit_interval(gamma=gamma, gae_lambda=gae_lambda)
     mask = _as_bool(action_mask)
     _check_contiguous_rows(mask)
-    values = paddle.where(mask, _fp32(values), paddle.zeros([], dtype="float32"))
-    rewards = paddle.where(mask, _fp32(rewards), paddle.zeros([], dtype="float32"))
+    values = paddle.where(mask, as_float32(values), paddle.zeros([], dtype="float32"))
+    rewards = paddle.where(mask, as_float32(rewards), paddle.zeros([], dtype="float32"))
     advantages = paddle.zeros_like(values)
     active_columns = paddle.nonzero(mask.any(axis=0)).flatten()
     if active_columns.shape[0] > 0:
@@ -572,8 +572,8 @@ def actor_clipped_loss(
     )
     high = clip_range_ratio if clip_range_ratio_high is None else clip_range_ratio_high
     _check_positive(clip_range_ratio=clip_range_ratio, clip_range_ratio_high=high)
-    ratio = paddle.exp(_fp32(log_probs) - _fp32(old_log_probs))
-    advantages = _fp32(advantages)
+    ratio = paddle.exp(as_float32(log_probs) - as_float32(old_log_probs))
+    advantages = as_float32(advantages)
     unclipped = -advantages * ratio
     clipped = -advantages * paddle.clip(ratio, 1.0 - clip_range_ratio, 1.0 + high)
     return masked_mean(paddle.maximum(unclipped, clipped), action_mask, reduction)
@@ -593,7 +593,7 @@ def critic_clipped_loss(
         values=values, old_values=old_values, returns=returns, action_mask=action_mask
     )
     _check_positive(clip_range_value=clip_range_value)
-    values, old_values, returns = _fp32(values), _fp32(old_values), _fp32(returns)
+    values, old_values, returns = as_float32(values), as_float32(old_values), as_float32(returns)
     clipped_values = paddle.minimum(
         paddle.maximum(values, old_values - clip_range_value), old_values + clip_range_value
     )
@@ -637,7 +637,7 @@ def approx_kl(
     """k3 estimate of KL(π_old || π) on rollout samples, token-mean:
     with r = exp(logp - logp_old), kl ≈ mean((r - 1) - log r) ≥ 0."""
     _check_same_shape(log_probs=log_probs, old_log_probs=old_log_probs, mask=mask)
-    log_ratio = _fp32(log_probs) - _fp32(old_log_probs)
+    log_ratio = as_float32(log_probs) - as_float32(old_log_probs)
     return masked_mean(paddle.exp(log_ratio) - 1.0 - log_ratio, mask)
 
 
@@ -652,7 +652,7 @@ def clip_fraction(
     """Fraction of valid tokens whose ratio left [1 - ε, 1 + ε], i.e. |ratio - 1| > ε (with
     `clip_range_ratio_high`: ratio < 1 - ε or ratio > 1 + ε_high)."""
     _check_same_shape(log_probs=log_probs, old_log_probs=old_log_probs, mask=mask)
-    ratio = paddle.exp(_fp32(log_probs) - _fp32(old_log_probs))
+    ratio = paddle.exp(as_float32(log_probs) - as_float32(old_log_probs))
     if clip_range_ratio_high is None or clip_range_ratio_high == clip_range_ratio:
         return masked_mean((paddle.abs(ratio - 1.0) > clip_range_ratio).astype("float32"), mask)
     outside = (ratio < 1.0 - clip_range_ratio) | (ratio > 1.0 + clip_range_ratio_high)
@@ -679,8 +679,8 @@ def explained_variance(
     """1 - Var[R - V] / Var[R] over valid tokens (population variances). 1 = perfect critic,
     0 = no better than a constant, < 0 = worse. Defined as 0 when Var[R] = 0 (incl. empty mask)."""
     _check_same_shape(values=values, returns=returns, mask=mask)
-    returns = _fp32(returns)
+    returns = as_float32(returns)
     returns_variance = masked_variance(returns, mask)
-    residual_variance = masked_variance(returns - _fp32(values), mask)
+    residual_variance = masked_variance(returns - as_float32(values), mask)
     ratio = residual_variance / paddle.clip(returns_variance, min=1e-12)
     return paddle.where(returns_variance > 0, 1.0 - ratio, paddle.zeros([], dtype="float32"))
