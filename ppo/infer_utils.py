@@ -15,6 +15,7 @@ Randomness comes from Paddle's global generator (`paddle.seed`, `paddle.get_rng_
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
@@ -23,6 +24,7 @@ import numpy as np
 import paddle
 from paddlenlp.utils.log import logger
 
+from ppo.models.cpu_decode import fused_decode_step
 from ppo.models.infer_model_utils import (
     KVCache,
     UnsupportedModelError,
@@ -270,7 +272,8 @@ class _Segment:
 
 
 class DecoderRollout:
-    """The generation loop over `prefill` / `decode_step`.
+    """The generation loop over `prefill` / `decode_step` (one C++ call per step on CPU when the
+    extension is available, `ppo.models.cpu_decode`; `use_cpu_extension=False` keeps the eager step).
 
     Rows are decoded in lockstep (one shared cache slot per step). A finished row keeps emitting
     pad until it is dropped: when at least a quarter of the rows still in the batch are finished,
@@ -278,8 +281,16 @@ class DecoderRollout:
     every row has emitted a stop token or after `max_new_tokens` steps.
     """
 
-    def __init__(self, model, stop_token_ids: StopTokens, pad_token_id: int, compact_finished_rows: bool = True):
+    def __init__(
+        self,
+        model,
+        stop_token_ids: StopTokens,
+        pad_token_id: int,
+        compact_finished_rows: bool = True,
+        use_cpu_extension: bool = True,
+    ):
         self.model = model
+        self.use_cpu_extension = use_cpu_extension
         self.stop_token_ids = stop_token_tuple(stop_token_ids)
         self.pad_token_id = pad_token_id
         self.compact_finished_rows = compact_finished_rows
@@ -300,6 +311,10 @@ class DecoderRollout:
                 f"max_position_embeddings={weights.max_positions}"
             )
 
+        # One C++ call per step on CPU when the extension is available, else the eager step.
+        step_fn = fused_decode_step(weights, rope) if self.use_cpu_extension else None
+        if step_fn is None:
+            step_fn = functools.partial(decode_step, weights, rope)
         # The prompts are encoded once; their samples share the encoded cache rows.
         logits, cache = prefill(weights, rope, input_ids, attention_mask, position_ids, capacity=prompt_len + steps)
         prompt_ids, prompt_mask = input_ids, attention_mask
@@ -347,7 +362,7 @@ class DecoderRollout:
                 segments.append(segment)
             if penalise:
                 seen = paddle.put_along_axis(seen, tokens.unsqueeze(-1), paddle.ones_like(tokens, "float32").unsqueeze(-1), axis=-1)
-            logits = decode_step(weights, rope, cache, tokens, positions, slot=prompt_len + step)
+            logits = step_fn(cache, tokens, positions, prompt_len + step)
             positions = positions + 1
 
         response = np.full([total_rows, steps], self.pad_token_id, dtype="int64")

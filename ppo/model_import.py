@@ -14,9 +14,7 @@ one directory per source, named `<source name>-<hash>`: the hash covers the abso
 size and mtime of the files read and the converter version, so an edited source is converted
 again and an unchanged one never is. A conversion is written into a private staging directory
 and renamed into place when complete, so a crash never leaves a half cache and concurrent
-ranks (`paddle.distributed.launch`) agree on one result: a lock lets one rank convert while
-the others wait, and if the lock is unavailable (some network file systems) the first rename
-wins and the other copies are discarded.
+ranks (`paddle.distributed.launch`) agree on one result (`ppo.shared_cache`).
 
 We do not use PaddleNLP's `convert_from_torch=True`: it writes `model_state.pdparams` into the
 user's Hugging Face directory (racy across ranks, fails on read-only hub caches) and knows
@@ -25,17 +23,14 @@ causal LMs only. The name/layout rules it encodes are the same as `ppo.hf_layout
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -49,10 +44,10 @@ from ppo.hf_layout import (
     head_kind,
     hf_to_paddle_state,
 )
+from ppo.shared_cache import cache_base, directory_lock, publish_directory, staging_directory
 
 # Bump when the files a conversion writes change: every cached conversion is then redone.
 CONVERTER_VERSION = "1"
-CACHE_ENV = "PADDLE_RLHF_CACHE"
 
 PADDLE_WEIGHT_FILE = "model_state.pdparams"
 # What PaddleNLP looks for, in its own order of preference (model_utils._resolve_model_file_path).
@@ -175,8 +170,7 @@ def _safetensors_kind(files) -> str:
 
 # --------------------------------------------------------------------------- cache
 def cache_root() -> str:
-    base = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "paddle-rlhf")
-    return os.path.join(base, "converted")
+    return os.path.join(cache_base(), "converted")
 
 
 def cache_dir_for(source: ModelSource) -> str:
@@ -193,37 +187,6 @@ def cache_dir_for(source: ModelSource) -> str:
     return os.path.join(cache_root(), f"{name}-{digest.hexdigest()[:16]}")
 
 
-@contextlib.contextmanager
-def _conversion_lock(final_dir: str) -> Iterator[None]:
-    """One converter per cache entry among processes of this machine. Only an optimisation
-    (N ranks would otherwise each hold a full copy of the weights in memory): correctness comes
-    from the atomic rename in `_publish`."""
-    lock_path = os.path.join(os.path.dirname(final_dir), f".{os.path.basename(final_dir)}.lock")
-    try:
-        handle = open(lock_path, "a+")
-    except OSError:
-        yield
-        return
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:
-            pass  # no locking on this file system: fall back to racing on the rename
-        yield
-
-
-def _publish(staging: str, final_dir: str) -> bool:
-    """Rename the complete staging directory into place. False when another process won."""
-    try:
-        os.rename(staging, final_dir)
-        return True
-    except OSError:
-        if os.path.isdir(final_dir):
-            shutil.rmtree(staging, ignore_errors=True)
-            return False
-        raise
-
-
 def _cached_conversion(source: ModelSource, role: str) -> str:
     from paddlenlp.utils.log import logger
 
@@ -231,20 +194,17 @@ def _cached_conversion(source: ModelSource, role: str) -> str:
     if os.path.isdir(final_dir):
         return final_dir
     os.makedirs(os.path.dirname(final_dir), exist_ok=True)
-    with _conversion_lock(final_dir):
+    with directory_lock(final_dir):
         if os.path.isdir(final_dir):  # converted by another rank while we waited
             return final_dir
-        # Not ppo.checkpoint.atomic_directory: that one replaces an existing target, which would
-        # pull a finished conversion from under a rank that is already loading it.
-        staging = os.path.join(os.path.dirname(final_dir), f".{os.path.basename(final_dir)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(staging)
+        staging = staging_directory(final_dir)
         started = time.time()
         try:
             summary = convert_hf_directory(source.path, staging) if source.kind == HF else convert_gguf_file(source.path, staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if _publish(staging, final_dir):
+        if publish_directory(staging, final_dir):
             logger.info(
                 f"{role}: converted {summary} from {source.path} into {final_dir} "
                 f"in {time.time() - started:.1f}s (reused until the source changes)"

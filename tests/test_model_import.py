@@ -285,15 +285,15 @@ def test_concurrent_resolvers_convert_once_and_agree(tmp_path):
 
 
 def test_losing_a_publish_race_keeps_the_winner(tmp_path):
-    from ppo.model_import import _publish
+    from ppo.shared_cache import publish_directory
 
     final = tmp_path / "converted"
     first, second = tmp_path / ".a", tmp_path / ".b"
     for staging, marker in ((first, "first"), (second, "second")):
         staging.mkdir()
         (staging / "marker").write_text(marker)
-    assert _publish(str(first), str(final)) is True
-    assert _publish(str(second), str(final)) is False
+    assert publish_directory(str(first), str(final)) is True
+    assert publish_directory(str(second), str(final)) is False
     assert (final / "marker").read_text() == "first" and not second.exists()
 
 
