@@ -2,7 +2,8 @@
 
 Paddle's CPU build has no fused decoder kernels, and in eager mode each small op costs ~20 us of
 dispatch: a decode step of the toy model is ~120 such ops. The extension does the step in one
-call (see `csrc/cpu_decode.cc`). It is compiled with `paddle.utils.cpp_extension` against the
+call (`csrc/cpu_decode.cc`, used by `cpu_decode.py`), and RMSNorm, the rotary embedding and
+SwiGLU each in one forward and one backward sweep (`csrc/cpu_train_ops.cc`, `cpu_fused.py`). It is compiled with `paddle.utils.cpp_extension` against the
 installed Paddle and its bundled MKL the first time a process asks for it (~15 s), into
 `$PADDLE_RLHF_CACHE/extensions/<hash>` (hash of the sources, Paddle, Python and machine), under a
 lock and renamed into place when complete, so concurrent ranks build it once. Later processes
@@ -30,7 +31,7 @@ from ppo.shared_cache import cache_base, directory_lock, publish_directory, stag
 SWITCH_ENV = "PADDLE_RLHF_CPU_EXTENSION"  # "0" disables the extension
 MODULE_NAME = "paddle_rlhf_cpu_ops"
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = ("cpu_decode.cc",)
+SOURCES = ("cpu_decode.cc", "cpu_train_ops.cc")
 
 _unavailable_reason: Optional[str] = None
 
@@ -43,7 +44,7 @@ def build_key() -> str:
     import paddle
 
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in sorted(n for n in os.listdir(SOURCE_DIR) if n.endswith((".cc", ".h"))):  # headers too
         with open(os.path.join(SOURCE_DIR, name), "rb") as handle:
             digest.update(name.encode() + b"\0" + handle.read())
     digest.update(f"\0{paddle.__version__}\0{paddle.version.commit}\0{sys.version}\0{platform.machine()}".encode())

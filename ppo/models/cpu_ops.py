@@ -37,6 +37,8 @@ import math
 import paddle
 import paddle.nn.functional as F
 
+from ppo.models import cpu_fused
+
 _PADDLENLP_FUNCTIONS = {}  # (module name, function name) -> PaddleNLP's own function
 
 
@@ -68,6 +70,9 @@ def apply_rotary_pos_emb(q, k, cos, sin, position_ids):
     and Qwen2's are the same code; either serves as fallback."""
     if not (cos.stop_gradient and sin.stop_gradient) or not _plain_cpu(q, k, cos):
         return _PADDLENLP_FUNCTIONS[("llama", "apply_rotary_pos_emb")](q, k, cos, sin, position_ids)
+    if cpu_fused.applicable(q, k, cos, sin):
+        dim = cos.shape[-1]
+        return cpu_fused.rotary(q, k, cos.reshape([-1, dim]), sin.reshape([-1, dim]), position_ids)
     cos, sin_signed = _gather_rotary(cos, sin, position_ids, q.shape[1])
     expanded = {}
 

@@ -24,7 +24,7 @@ from typing import Optional
 import paddle
 import paddle.nn.functional as F
 
-from . import cpu_ops
+from . import cpu_fused, cpu_ops
 
 # Config flags that route PaddleNLP models through fused kernels (or GPU-only attention). All are
 # fields of PaddleNLP's base `PretrainedConfig`, so every architecture accepts them as
@@ -60,6 +60,8 @@ def rms_norm(hidden: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle
         from paddle.incubate.nn.functional import fused_rms_norm
 
         return fused_rms_norm(hidden, weight, None, eps, len(hidden.shape) - 1)[0]
+    if cpu_fused.applicable(hidden, weight):
+        return cpu_fused.rms_norm(hidden, weight, eps)
     statistics = _as_dtype(hidden, paddle.float32)
     # square, not pow(2): Paddle's CPU pow kernel is 25-100x slower for the same values.
     variance = paddle.square(statistics).mean(-1, keepdim=True)
@@ -79,6 +81,8 @@ def swiglu(x: paddle.Tensor, y: Optional[paddle.Tensor] = None) -> paddle.Tensor
         from paddle.incubate.nn.functional import swiglu as fused_swiglu
 
         return fused_swiglu(x, y)
+    if cpu_fused.applicable(x) and (y is None or (cpu_fused.applicable(y) and x.shape == y.shape)):
+        return cpu_fused.swiglu(x, y)
     if y is None:
         x, y = paddle.chunk(x, chunks=2, axis=-1)
     return F.silu(x) * y
@@ -93,6 +97,8 @@ def _rms_norm_forward(self, hidden_states):
     original = _PADDLENLP_RMS_NORM_FORWARD[type(self)]
     if self.config.use_fused_rms_norm or _on_gpu(hidden_states) or not paddle.in_dynamic_mode():
         return original(self, hidden_states)
+    if cpu_fused.applicable(hidden_states, self.weight):
+        return cpu_fused.rms_norm(hidden_states, self.weight, self.variance_epsilon)
     with paddle.amp.auto_cast(False):
         variance = paddle.square(_as_dtype(hidden_states, paddle.float32)).mean(-1, keepdim=True)
         hidden_states = cpu_ops.rms_norm_scale(hidden_states, variance, self.variance_epsilon)

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "paddle/extension.h"
+#include "vector_math.h"
 
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
                             const float* a, int lda, const float* b, int ldb, float beta, float* c,
@@ -166,7 +167,7 @@ std::vector<paddle::Tensor> DecodeStep(
   std::vector<float> normed(hidden.size()), query_key(static_cast<size_t>(s.batch) * rotated_width),
       value(static_cast<size_t>(s.batch) * s.kv_width()), attended(static_cast<size_t>(s.batch) * s.q_width()),
       query(attended.size()), gate_up(static_cast<size_t>(s.batch) * 2 * s.intermediate),
-      activation(static_cast<size_t>(s.batch) * s.intermediate), scratch(d), scores;
+      activation(static_cast<size_t>(s.batch) * s.intermediate), scratch(d), scores, scratch_exp;
   const float query_scale = 1.0f / std::sqrt(static_cast<float>(d));
   const float sqrt_dim = std::sqrt(static_cast<float>(d));
 
@@ -216,9 +217,8 @@ std::vector<paddle::Tensor> DecodeStep(
     matmul(normed.data(), w[5].data<float>(), gate_up.data(), s.batch, 2 * s.intermediate, s.hidden, false, false);
     for (int b = 0; b < s.batch; ++b) {
       const float* gate = gate_up.data() + static_cast<size_t>(b) * 2 * s.intermediate;
-      const float* up = gate + s.intermediate;
-      float* act = activation.data() + static_cast<size_t>(b) * s.intermediate;
-      for (int i = 0; i < s.intermediate; ++i) act[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+      rlhf::silu_times(gate, gate + s.intermediate, activation.data() + static_cast<size_t>(b) * s.intermediate,
+                       s.intermediate, scratch_exp);
     }
     matmul(activation.data(), w[6].data<float>(), hidden.data(), s.batch, s.hidden, s.intermediate, false, true);
   }
