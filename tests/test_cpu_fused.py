@@ -107,7 +107,7 @@ def test_a_model_forward_takes_every_fused_op(monkeypatch, fuse_ffn):
 
     model = LlamaForCausalLM(LlamaConfig(**tiny_config_kwargs(), fuse_attention_ffn=fuse_ffn))
     layers = model.config.num_hidden_layers
-    model(input_ids=paddle.to_tensor([[5, 6, 7]]), return_dict=True)
+    model(input_ids=paddle.to_tensor([[5, 6, 7]]), attention_mask=paddle.to_tensor([[0, 1, 1]]), return_dict=True)
     assert calls == {"rms_norm": 2 * layers + 1, "rotary": layers, "swiglu": layers}
 
 

@@ -3,8 +3,9 @@
 Paddle's CPU build has no fused decoder kernels, and in eager mode each small op costs ~20 us of
 dispatch: a decode step of the toy model is ~120 such ops. The extension does the step in one
 call (`csrc/cpu_decode.cc`, used by `cpu_decode.py`), and RMSNorm, the rotary embedding and
-SwiGLU each in one forward and one backward sweep (`csrc/cpu_train_ops.cc`, `cpu_fused.py`). It is compiled with `paddle.utils.cpp_extension` against the
-installed Paddle and its bundled MKL the first time a process asks for it (~15 s), into
+SwiGLU each in one forward and one backward op (`csrc/cpu_train_ops.cc`, used by
+`cpu_fused.py`). It is compiled with `paddle.utils.cpp_extension` against the installed Paddle
+and its bundled MKL the first time a process asks for it (~15 s), into
 `$PADDLE_RLHF_CACHE/extensions/<hash>` (hash of the sources, Paddle, Python and machine), under a
 lock and renamed into place when complete, so concurrent ranks build it once. Later processes
 load the cached library in well under a second.

@@ -13,23 +13,14 @@
 #include <vector>
 
 #include "paddle/extension.h"
-#include "vector_math.h"
-
-extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                            const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                            int ldc);
+#include "mkl_math.h"
 
 namespace {
-
-constexpr int kRowMajor = 101;
-constexpr int kNoTrans = 111;
-constexpr int kTrans = 112;
 
 // c[m, n] = a[m, k] · b (+ c when accumulate): b is [k, n], or [n, k] when transpose_b.
 void matmul(const float* a, const float* b, float* c, int m, int n, int k, bool transpose_b,
             bool accumulate) {
-  cblas_sgemm(kRowMajor, kNoTrans, transpose_b ? kTrans : kNoTrans, m, n, k, 1.0f, a, k, b,
-              transpose_b ? k : n, accumulate ? 1.0f : 0.0f, c, n);
+  rlhf::gemm(false, transpose_b, m, n, k, 1.0f, a, k, b, transpose_b ? k : n, accumulate ? 1.0f : 0.0f, c, n);
 }
 
 // PaddleNLP's RMSNorm: x * rsqrt(mean(x^2) + eps), then times the weight.

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "paddle/extension.h"
-#include "vector_math.h"
+#include "mkl_math.h"
 
 namespace {
 
