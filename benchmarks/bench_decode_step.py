@@ -1,6 +1,8 @@
 """Options for the per-token decode step, timed one step at a time (own CPU time, so other load on
 the machine matters less): what `ppo/models/infer_model_utils.py` was chosen from.
 
+  cpu_extension_step the step in one C++ call (`ppo/models/cpu_decode.py`; what the engine runs
+                     on CPU when the extension is available)
   eager_decoder      `decode_step`: our eager step on the training model's parameters
   to_static_step     the same math as a pure function compiled with paddle.jit.to_static
                      (parameters and caches passed as inputs so they stay shared; the new key /
@@ -51,6 +53,7 @@ def main(argv=None):
     import paddle
     import paddle.nn.functional as F
 
+    from ppo.models.cpu_decode import fused_decode_step
     from ppo.models.infer_model_utils import (
         build_rope_tables,
         collect_decoder_weights,
@@ -88,6 +91,13 @@ def main(argv=None):
 
         hide_slot()
         reference_logits = eager_step()
+        extension_step_fn = fused_decode_step(weights, rope)
+
+        def extension_step():
+            return extension_step_fn(cache, tokens, positions, slot)
+
+        hide_slot()
+        extension_logits = extension_step() if extension_step_fn is not None else None
 
         def pure_step(token_ids, position_ids_now, bias, cos_table, sin_table, embed, final_norm, lm_head, flat):
             """No in-place writes (a static graph must not mutate its inputs): the current token
@@ -163,12 +173,17 @@ def main(argv=None):
         result = {
             "bench": "decode_step",
             "ms_per_step_own_cpu": {
+                **({"cpu_extension_step": per_call_ms(extension_step, args.steps)} if extension_step_fn else {}),
                 "eager_decoder": per_call_ms(eager_step, args.steps),
                 "to_static_step": per_call_ms(static_step, args.steps),
                 "paddlenlp_forward": per_call_ms(paddlenlp_step, args.steps),
                 "weight_matmuls": per_call_ms(weight_matmuls, args.steps),
             },
-            "max_abs_logit_diff_vs_eager": {"to_static_step": max_diff(static_logits), "paddlenlp_forward": max_diff(paddlenlp_logits)},
+            "max_abs_logit_diff_vs_eager": {
+                **({"cpu_extension_step": max_diff(extension_logits)} if extension_step_fn else {}),
+                "to_static_step": max_diff(static_logits),
+                "paddlenlp_forward": max_diff(paddlenlp_logits),
+            },
             "config": {"shapes": args.shapes, **shapes, "batch": batch, "prompt_len": prompt_len},
             "environment": {**environment, "paddle": paddle.__version__},
         }

@@ -129,8 +129,15 @@ def time_repeats(fn, repeats: int, warmup: int) -> dict:
 
 
 def emit_result(result: dict, json_path=None) -> None:
-    """The benchmark's final line: one JSON object on stdout (and in `json_path` if given)."""
+    """The benchmark's final line: one JSON object on stdout (and in `json_path` if given), with
+    whether the C++ CPU extension ran (`ppo/models/cpu_extension.py`)."""
     import json
+
+    from ppo.models import cpu_extension
+
+    if cpu_extension.load_extension.cache_info().currsize:  # only report what this run asked for
+        reason = cpu_extension.unavailable_reason()
+        result.setdefault("environment", {})["cpu_extension"] = "loaded" if reason is None else f"unavailable: {reason}"
 
     if json_path:
         with open(json_path, "w") as f:
