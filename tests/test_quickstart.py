@@ -263,6 +263,10 @@ def test_stages_run_the_entry_points_with_the_tiny_configs(tmp_path):
     assert stages[3].clears == os.path.join(str(tmp_path), "tiny", "ppo")
     evaluate = stages[4].command
     assert evaluate[evaluate.index("--samples-per-prompt") + 1] == "2"
+    # --fast keeps its short PPO stage whatever the algorithm's own step count; a full run uses it.
+    for fast, steps in ((True, "4"), (False, "144")):
+        ppo = build_stages(Layout(str(tmp_path)), seed=0, fast=fast, algorithm="grpo", reward="judge")[3].command
+        assert ppo.count("--max_steps") == 1 and ppo[ppo.index("--max_steps") + 1] == steps
 
 
 def test_eta_scales_with_the_speed_of_finished_stages():

@@ -222,4 +222,5 @@ def test_quickstart_group_algorithms_sample_groups_and_rloo_whitens():
         assert overrides["num_return_sequences"] == "4" and overrides["reward_model_weight"] == "0"
     assert grpo["whiten_advantages"] == "false"  # already in units of the group's std
     assert rloo["whiten_advantages"] == "true"  # reward units otherwise
+    assert grpo["max_steps"] == rloo["max_steps"] == "144"  # no critic: cheaper steps, more of them
     assert ppo_stage_overrides() == {}
