@@ -101,7 +101,8 @@ def test_entry_points_on_a_cpu_below_the_floor_stop_with_a_clear_error(repo_root
 @needs_qemu
 def test_decoder_and_training_step_on_an_emulated_avx2_only_epyc(repo_root, tmp_path):
     """An AMD EPYC (Zen 1: AVX2, FMA, no AVX-512) under emulation: the rollout decoder and an SFT
-    training step complete (a fused AVX-512 kernel would stop the process)."""
+    training step complete, with the C++ CPU extension (a fused AVX-512 kernel would stop the
+    process)."""
     script = tmp_path / "avx2_run.py"
     script.write_text(
         "import ppo.runtime\n"
@@ -115,8 +116,14 @@ def test_decoder_and_training_step_on_an_emulated_avx2_only_epyc(repo_root, tmp_
         "out = RolloutEngine(model, eos_token_id=2, pad_token_id=0, backend='decoder').generate(ids, mask, max_new_tokens=3, do_sample=False)\n"
         "loss = supervised_lm_loss(model(input_ids=ids, return_dict=True).logits, ids)\n"
         "loss.backward()\n"
-        "print('ok', out.sequences.shape, float(loss))\n"
+        "from ppo.models import cpu_extension\n"
+        "print('ok', out.sequences.shape, float(loss), 'extension', cpu_extension.load_extension() is not None)\n"
     )
     result = _emulated("EPYC", [str(script)], repo_root, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith("ok")
+    # The C++ CPU extension (baseline x86-64 code, MKL's own dispatch) ran its decode step and ops.
+    from ppo.models import cpu_extension
+
+    if cpu_extension._compiler() is not None:
+        assert result.stdout.strip().endswith("extension True"), result.stdout
