@@ -10,9 +10,16 @@ import pytest
 from paddlenlp.transformers.llama import modeling as llama_modeling
 from paddlenlp.transformers.qwen2 import modeling as qwen2_modeling
 
-from ppo.models import cpu_ops, kernels
+from ppo.models import cpu_extension, cpu_ops, kernels
 from ppo.models.cpu_ops import _PADDLENLP_FUNCTIONS
 from ppo.tiny import build_tiny_causal_lm
+
+
+@pytest.fixture(autouse=True)
+def eager_formulations(monkeypatch):
+    """These tests are about the eager formulations: the C++ ops that replace some of them where
+    the CPU extension is available have their own tests (tests/test_cpu_fused.py)."""
+    monkeypatch.setenv(cpu_extension.SWITCH_ENV, "0")
 
 
 def leaf(array):

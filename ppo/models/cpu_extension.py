@@ -77,7 +77,7 @@ def _build(final_dir: str) -> ModuleType:
                 # -fopenmp-simd vectorises the loops' reductions without an OpenMP runtime; no
                 # -march, so the library runs on any x86-64 CPU sharing the cache directory.
                 extra_cxx_cflags=["-O3", "-fopenmp-simd"],
-                # cblas_sgemm from the MKL that Paddle ships and already loads.
+                # cblas_sgemm and vmsExp from the MKL that Paddle ships and already loads.
                 extra_ldflags=[f"-L{libs}", "-l:libmklml_intel.so", f"-Wl,-rpath,{libs}"],
                 build_directory=staging,
                 verbose=False,
@@ -102,6 +102,7 @@ def load_extension() -> Optional[ModuleType]:
     global _unavailable_reason
     from paddlenlp.utils.log import logger
 
+    _unavailable_reason = None
     if disabled_by_environment():
         _unavailable_reason = f"disabled by {SWITCH_ENV}={os.environ[SWITCH_ENV]}"
         return None

@@ -23,17 +23,9 @@ void matmul(const float* a, const float* b, float* c, int m, int n, int k, bool 
   rlhf::gemm(false, transpose_b, m, n, k, 1.0f, a, k, b, transpose_b ? k : n, accumulate ? 1.0f : 0.0f, c, n);
 }
 
-// PaddleNLP's RMSNorm: x * rsqrt(mean(x^2) + eps), then times the weight.
 void rms_norm(const float* x, const float* weight, float* out, int rows, int width, float eps) {
   for (int r = 0; r < rows; ++r) {
-    const float* row = x + static_cast<int64_t>(r) * width;
-    float* dst = out + static_cast<int64_t>(r) * width;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < width; ++i) sum += row[i] * row[i];
-    const float scale = 1.0f / std::sqrt(sum / width + eps);
-#pragma omp simd
-    for (int i = 0; i < width; ++i) dst[i] = (row[i] * scale) * weight[i];
+    rlhf::rms_norm_row(x + static_cast<int64_t>(r) * width, weight, out + static_cast<int64_t>(r) * width, width, eps);
   }
 }
 

@@ -29,17 +29,7 @@ std::vector<paddle::Tensor> RmsNormForward(const paddle::Tensor& x, const paddle
   const float* w = weight.data<float>();
   float* dst = out.data<float>();
   float* inv = inv_rms.data<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = src + r * width;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < width; ++i) sum += row[i] * row[i];
-    const float scale = 1.0f / std::sqrt(sum / width + eps);
-    inv[r] = scale;
-    float* out_row = dst + r * width;
-#pragma omp simd
-    for (int64_t i = 0; i < width; ++i) out_row[i] = (row[i] * scale) * w[i];
-  }
+  for (int64_t r = 0; r < rows; ++r) inv[r] = rlhf::rms_norm_row(src + r * width, w, dst + r * width, width, eps);
   return {out, inv_rms};
 }
 
@@ -100,38 +90,27 @@ PD_BUILD_GRAD_OP(rlhf_rms_norm)
 
 namespace {
 
+// The rotation, or with kTranspose its transpose (the backward): for i < half
+//   forward   y[i] = x[i] c[i] - x[i + half] s[i],        y[i + half] = x[i + half] c[i + half] + x[i] s[i + half]
+//   transpose y[i] = g[i] c[i] + g[i + half] s[i + half], y[i + half] = g[i + half] c[i + half] - g[i] s[i]
+template <bool kTranspose>
 void rotate_heads(const float* src, float* dst, const float* cos, const float* sin, const int64_t* positions,
                   int64_t tokens, int64_t heads, int64_t dim) {
   const int64_t half = dim / 2;
   for (int64_t t = 0; t < tokens; ++t) {
     const float* c = cos + positions[t] * dim;
     const float* s = sin + positions[t] * dim;
+    // The sine each half's partner term is taken at, and its sign.
+    const float* s_low = kTranspose ? s + half : s;
+    const float* s_high = kTranspose ? s : s + half;
+    const float sign = kTranspose ? 1.0f : -1.0f;
     for (int64_t h = 0; h < heads; ++h) {
       const float* x = src + (t * heads + h) * dim;
       float* y = dst + (t * heads + h) * dim;
 #pragma omp simd
-      for (int64_t i = 0; i < half; ++i) y[i] = x[i] * c[i] - x[i + half] * s[i];
+      for (int64_t i = 0; i < half; ++i) y[i] = x[i] * c[i] + sign * x[i + half] * s_low[i];
 #pragma omp simd
-      for (int64_t i = half; i < dim; ++i) y[i] = x[i] * c[i] + x[i - half] * s[i];
-    }
-  }
-}
-
-// The transpose of rotate_heads (its backward): dx[i] = g[i] c[i] + g[i + half] s[i + half] for
-// i < half, g[i] c[i] - g[i - half] s[i - half] above.
-void rotate_heads_backward(const float* src, float* dst, const float* cos, const float* sin, const int64_t* positions,
-                           int64_t tokens, int64_t heads, int64_t dim) {
-  const int64_t half = dim / 2;
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* c = cos + positions[t] * dim;
-    const float* s = sin + positions[t] * dim;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* g = src + (t * heads + h) * dim;
-      float* y = dst + (t * heads + h) * dim;
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) y[i] = g[i] * c[i] + g[i + half] * s[i + half];
-#pragma omp simd
-      for (int64_t i = half; i < dim; ++i) y[i] = g[i] * c[i] - g[i - half] * s[i - half];
+      for (int64_t i = 0; i < half; ++i) y[i + half] = x[i + half] * c[i + half] - sign * x[i] * s_high[i];
     }
   }
 }
@@ -154,9 +133,9 @@ std::vector<paddle::Tensor> RopeForward(const paddle::Tensor& q, const paddle::T
   auto q_out = paddle::empty(q.shape(), paddle::DataType::FLOAT32, q.place());
   auto k_out = paddle::empty(k.shape(), paddle::DataType::FLOAT32, k.place());
   const int64_t tokens = q.shape()[0] * q.shape()[1], dim = q.shape()[3];
-  rotate_heads(q.data<float>(), q_out.data<float>(), cos.data<float>(), sin.data<float>(), positions.data<int64_t>(),
+  rotate_heads<false>(q.data<float>(), q_out.data<float>(), cos.data<float>(), sin.data<float>(), positions.data<int64_t>(),
                tokens, q.shape()[2], dim);
-  rotate_heads(k.data<float>(), k_out.data<float>(), cos.data<float>(), sin.data<float>(), positions.data<int64_t>(),
+  rotate_heads<false>(k.data<float>(), k_out.data<float>(), cos.data<float>(), sin.data<float>(), positions.data<int64_t>(),
                tokens, k.shape()[2], dim);
   return {q_out, k_out};
 }
@@ -167,9 +146,9 @@ std::vector<paddle::Tensor> RopeBackward(const paddle::Tensor& q, const paddle::
   auto grad_q = paddle::empty(q.shape(), paddle::DataType::FLOAT32, q.place());
   auto grad_k = paddle::empty(k.shape(), paddle::DataType::FLOAT32, k.place());
   const int64_t tokens = q.shape()[0] * q.shape()[1], dim = q.shape()[3];
-  rotate_heads_backward(grad_q_out.data<float>(), grad_q.data<float>(), cos.data<float>(), sin.data<float>(),
+  rotate_heads<true>(grad_q_out.data<float>(), grad_q.data<float>(), cos.data<float>(), sin.data<float>(),
                         positions.data<int64_t>(), tokens, q.shape()[2], dim);
-  rotate_heads_backward(grad_k_out.data<float>(), grad_k.data<float>(), cos.data<float>(), sin.data<float>(),
+  rotate_heads<true>(grad_k_out.data<float>(), grad_k.data<float>(), cos.data<float>(), sin.data<float>(),
                         positions.data<int64_t>(), tokens, k.shape()[2], dim);
   return {grad_q, grad_k};
 }

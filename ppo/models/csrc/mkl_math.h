@@ -1,9 +1,11 @@
-// What the CPU kernels take from the MKL that Paddle ships and already loads: sgemm, and vector
-// exp. Both dispatch AVX2/AVX-512 code at run time, so the kernels themselves are compiled for
-// baseline x86-64 (no -march) and the binary runs on every CPU. A scalar std::exp loop is ~5x
-// slower than Paddle's own silu, a hand-written polynomial at baseline vector width ~10x.
+// Shared by the CPU kernels: the row loops both files need, and what they take from the MKL that
+// Paddle ships and already loads (sgemm, vector exp). Both MKL routines dispatch AVX2/AVX-512
+// code at run time, so the kernels themselves are compiled for baseline x86-64 (no -march) and
+// the binary runs on every CPU. A scalar std::exp loop is ~5x slower than Paddle's own silu, a
+// hand-written polynomial at baseline vector width ~10x.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -37,6 +39,18 @@ inline void sigmoid(const float* x, float* out, int64_t n) {
   vmsExp(static_cast<int>(n), out, out, kVmlMode);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = 1.0f / (1.0f + out[i]);
+}
+
+// PaddleNLP's RMSNorm of one row: out = x * rsqrt(mean(x^2) + eps) * weight; returns the
+// rsqrt factor (kept for the backward).
+inline float rms_norm_row(const float* x, const float* weight, float* out, int64_t width, float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < width; ++i) sum += x[i] * x[i];
+  const float scale = 1.0f / std::sqrt(sum / width + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) out[i] = (x[i] * scale) * weight[i];
+  return scale;
 }
 
 // out[i] = silu(gate[i]) * up[i]; `scratch` is resized to n.
