@@ -23,7 +23,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchutil import PEER_REFERENCE, describe_mkl, emit_result, peak_rss_mib, setup_process, time_repeats  # noqa: E402
+from benchutil import PEER_REFERENCE, decode_weight_matmuls, describe_mkl, emit_result, peak_rss_mib, setup_process, time_repeats  # noqa: E402
 from shapes import SHAPES, build_causal_lm  # noqa: E402
 
 
@@ -51,7 +51,6 @@ def main(argv=None):
     import paddle
 
     from ppo.infer_utils import RolloutEngine, generate_with_paddlenlp, GenerationSettings
-    from ppo.models.infer_model_utils import collect_decoder_weights
 
     shapes = SHAPES[args.shapes]
     model = build_causal_lm(shapes, args.prompt_len + args.new_tokens, seed=args.seed)
@@ -76,21 +75,11 @@ def main(argv=None):
             out = generate_with_paddlenlp(model, unreachable_eos, pad, input_ids, attention_mask, settings)
         assert out.sequences.shape[1] == args.prompt_len + args.new_tokens
 
-    weights = collect_decoder_weights(model)
-    step_matmuls = [(layer.query_key, layer.value, layer.o_proj, layer.gate_up, layer.down_proj) for layer in weights.layers]
-    hidden_in = paddle.randn([args.batch, shapes["hidden_size"]])
-    intermediate_in = paddle.randn([args.batch, shapes["intermediate_size"]])
+    decode_step_matmuls = decode_weight_matmuls(model, args.batch)
 
-    @paddle.no_grad()
     def run_floor():
         for _ in range(args.new_tokens):
-            for query_key, value, o_proj, gate_up, down in step_matmuls:
-                paddle.matmul(hidden_in, query_key)
-                paddle.matmul(hidden_in, value)
-                paddle.matmul(hidden_in, o_proj)
-                paddle.matmul(hidden_in, gate_up)
-                paddle.matmul(intermediate_in, down)
-            paddle.matmul(hidden_in, weights.lm_head, transpose_y=weights.lm_head_transposed)
+            decode_step_matmuls()
 
     # Greedy decoding must agree before speed means anything.
     greedy = dict(max_new_tokens=args.new_tokens, do_sample=False)

@@ -15,7 +15,10 @@ Phase times are measured around the trainer's own calls (nothing is re-implement
 
 Floor: the step's matmul FLOPs per phase (benchmarks/flops.py, counted from the shapes) divided by
 the GEMM rate of an fp32 matmul probe run in this process after training; the share of the floor
-is floor / measured time (1.0: every FLOP at the probe's rate).
+is floor / measured time (1.0: every FLOP at the probe's rate). Decoding 8 rows streams every
+weight from memory per token, so generation has a second, memory-bound floor: the prompt pass at
+the GEMM rate plus the measured time of the decode steps' weight matmuls alone; the "streaming"
+floor puts generation at the larger of the two.
 
 Prints progress lines, then one line of JSON (the last line). Usage, from anywhere:
     python benchmarks/bench_ppo.py [--steps 11] [--warmup 1] [--shapes default|large|smollm2] [--mkl-avx2] [--json out.json]
@@ -40,8 +43,8 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchutil import PEER_REFERENCE, PEER_REFERENCE_BY_ALGORITHM, Window, describe_mkl, emit_result, gemm_probe, peak_rss_mib, setup_process  # noqa: E402
-from flops import Decoder, by_bench_phase, floor_report, ppo_step_flops  # noqa: E402
+from benchutil import PEER_REFERENCE, PEER_REFERENCE_BY_ALGORITHM, Window, decode_matmul_seconds, describe_mkl, emit_result, gemm_probe, peak_rss_mib, setup_process  # noqa: E402
+from flops import Decoder, by_bench_phase, floor_report, ppo_step_flops, prompt_pass_flops  # noqa: E402
 from shapes import SHAPES, build_causal_lm, llama_config  # noqa: E402
 
 PHASES = ("generation", "scoring", "actor", "critic")
@@ -253,7 +256,11 @@ def main(argv=None):
         with_critic="critic" in roles, with_actor_scoring=not from_rollout,
     )  # fmt: skip
     probe = gemm_probe()
-    floor = floor_report(passes, probe["gflops_per_second"], phases, step_median)
+    # Generation bound by memory instead: the prompt pass at the GEMM rate, then every new token
+    # but the last fed back through the weights (the weight matmuls alone, measured here).
+    decode_seconds = decode_matmul_seconds(actor, rows, args.new_tokens - 1)
+    prompt_seconds = prompt_pass_flops(Decoder.from_shapes(shapes), rows, args.prompt_len) / (probe["gflops_per_second"] * 1e9)
+    floor = floor_report(passes, probe["gflops_per_second"], phases, step_median, streaming_generation_seconds=prompt_seconds + decode_seconds)
     floor_result = {
         "tflop_per_step": round(sum(passes.values()) / 1e12, 4),
         "gflop_by_pass": {name: round(flops / 1e9, 2) for name, flops in passes.items()},
@@ -264,6 +271,10 @@ def main(argv=None):
         "share_of_floor": round(floor["share_of_floor"], 3),
         "phase_floor_seconds": {name: round(value, 4) for name, value in floor["phase_floor_seconds"].items()},
         "phase_share_of_floor": {name: round(value, 3) for name, value in floor["phase_share_of_floor"].items()},
+        "decode_matmul_seconds": round(decode_seconds, 4),
+        "streaming_floor_seconds": round(floor["streaming_floor_seconds"], 4),
+        "share_of_streaming_floor": round(floor["share_of_streaming_floor"], 3),
+        "generation_share_of_streaming_floor": round(floor["generation_share_of_streaming_floor"], 3),
     }
     peer = dict(PEER_REFERENCE.get(args.shapes, {}))
     if args.algorithm != "ppo":  # the peer's GRPO/RLOO step; its PPO memory is not comparable
@@ -309,6 +320,9 @@ def main(argv=None):
     shares = ", ".join(f"{name} {value:.0%}" for name, value in floor["phase_share_of_floor"].items())
     print(f"this run reaches {floor['share_of_floor']:.1%} of the floor ({step_median:.2f} s per step); per phase: {shares}; "
           f"{describe_mkl(environment)}", flush=True)
+    print(f"with generation bound by memory (prompt pass {prompt_seconds:.2f} s at the probe's rate + the decode steps' weight "
+          f"matmuls {decode_seconds:.2f} s, measured): streaming floor {floor['streaming_floor_seconds']:.2f} s per step; this run "
+          f"reaches {floor['share_of_streaming_floor']:.1%} of the streaming floor (generation {floor['generation_share_of_streaming_floor']:.0%})", flush=True)
     emit_result(result, args.json)
 
 

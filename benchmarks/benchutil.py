@@ -74,6 +74,47 @@ def gemm_probe(m: int = 512, k: int = 576, n: int = 1536, repeats: int = 8, roun
     }
 
 
+def decode_weight_matmuls(model, batch: int):
+    """A callable running one decode step's weight matmuls on `model`'s own weights: per layer
+    [batch, hidden] x q|k, v, o, gate|up and down, then the LM head. Nothing else a decoder does
+    (attention, norms, sampling) is in it, so no decoder built from these matmuls is faster: at a
+    few rows it streams every weight from memory once, the memory-bound floor of a decode step."""
+    import paddle
+
+    from ppo.models.infer_model_utils import collect_decoder_weights
+
+    weights = collect_decoder_weights(model)
+    per_layer = [(layer.query_key, layer.value, layer.o_proj, layer.gate_up, layer.down_proj) for layer in weights.layers]
+    hidden_in = paddle.randn([batch, weights.layers[0].o_proj.shape[-1]])
+    intermediate_in = paddle.randn([batch, weights.layers[0].down_proj.shape[0]])
+
+    @paddle.no_grad()
+    def step():
+        for query_key, value, o_proj, gate_up, down in per_layer:
+            paddle.matmul(hidden_in, query_key)
+            paddle.matmul(hidden_in, value)
+            paddle.matmul(hidden_in, o_proj)
+            paddle.matmul(hidden_in, gate_up)
+            paddle.matmul(intermediate_in, down)
+        paddle.matmul(hidden_in, weights.lm_head, transpose_y=weights.lm_head_transposed)
+
+    return step
+
+
+def decode_matmul_seconds(model, batch: int, steps: int, rounds: int = 3) -> float:
+    """Wall seconds of `steps` decode steps' weight matmuls (`decode_weight_matmuls`), the best
+    of `rounds` (a floor should be reachable; a shared machine only ever slows a round down)."""
+    step = decode_weight_matmuls(model, batch)
+    step()  # kernel selection and allocation
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)
+
+
 def describe_mkl(environment: dict) -> str:
     """One line: MKL's CPU type, whether `prepare_process` set it for this CPU (no when it was
     exported or forced by --mkl-avx2, or the CPU is not AMD), and the CPU."""

@@ -51,6 +51,8 @@ def summarise(folder: str) -> dict:
         "trl_generation_phase_seconds": median(r["gen_phase_s_median"] for r in peer_ppo),
         "ppo_share_of_floor": median(r.get("floor", {}).get("share_of_floor") for r in ours_ppo),
         "ppo_floor_seconds": median(r.get("floor", {}).get("floor_seconds") for r in ours_ppo),
+        "ppo_share_of_streaming_floor": median(r.get("floor", {}).get("share_of_streaming_floor") for r in ours_ppo),
+        "ppo_streaming_floor_seconds": median(r.get("floor", {}).get("streaming_floor_seconds") for r in ours_ppo),
     }
     ratios = {
         "ppo_step_throughput_vs_trl": round(numbers["trl_ppo_step_seconds"] / numbers["ppo_step_seconds"], 2),

@@ -53,7 +53,7 @@ run() {  # name, command...
   local name=$1; shift
   echo "=== $name (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
   "$@" > "$OUT/$name.log" 2>&1 || { echo "failed, see $OUT/$name.log" >&2; exit 1; }
-  grep -E "tokens/s|PPO step median|step median|peak RSS|of the floor" "$OUT/$name.log" | grep -v RESULT_JSON | tail -4 || true
+  grep -E "tokens/s|PPO step median|step median|peak RSS|of the floor|streaming floor" "$OUT/$name.log" | grep -v RESULT_JSON | tail -5 || true
 }
 
 for round in $(seq 1 "$ROUNDS"); do

@@ -27,7 +27,7 @@ reward, critic), then one update of actor and critic (forward + backward) over t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 # Which measured phase of bench_ppo.py each counted pass belongs to.
 BENCH_PHASE = {
@@ -135,6 +135,12 @@ def ppo_step_flops(
     return {name: flops for name, flops in passes.items() if name not in dropped}
 
 
+def prompt_pass_flops(model: Decoder, batch: int, prompt_len: int) -> int:
+    """The part of the generation pass that runs as one batched forward: the prompts, with
+    logits at their last position only. The rest of generation is one row per sequence a step."""
+    return forward_flops(model, batch * prompt_len, batch, model.vocab, batch * causal_pairs(prompt_len))
+
+
 def by_bench_phase(passes: Dict[str, int]) -> Dict[str, int]:
     """Sum the passes into bench_ppo.py's measured phases (generation, scoring, actor, critic)."""
     phases: Dict[str, int] = {}
@@ -143,17 +149,36 @@ def by_bench_phase(passes: Dict[str, int]) -> Dict[str, int]:
     return phases
 
 
-def floor_report(passes: Dict[str, int], gflops_per_second: float, measured: Dict[str, float], step_seconds: float) -> dict:
+def floor_report(
+    passes: Dict[str, int],
+    gflops_per_second: float,
+    measured: Dict[str, float],
+    step_seconds: float,
+    streaming_generation_seconds: Optional[float] = None,
+) -> dict:
     """Floor seconds (FLOPs at the measured GEMM rate) per phase and per step, and the share of
-    it a run reached (floor / measured time: 1.0 would mean every FLOP ran at the probe's rate)."""
+    it a run reached (floor / measured time: 1.0 would mean every FLOP ran at the probe's rate).
+
+    Decoding a few rows multiplies them by every weight once per token, so generation is bound by
+    how fast the weights stream from memory, not by the GEMM rate. `streaming_generation_seconds`
+    (the prompt pass at the GEMM rate plus the measured time of the decode steps' weight matmuls)
+    gives a second floor with generation at the larger of its two bounds."""
     rate = gflops_per_second * 1e9
     phase_floor = {phase: flops / rate for phase, flops in by_bench_phase(passes).items()}
     floor = sum(passes.values()) / rate
     essential = sum(flops for name, flops in passes.items() if name not in OPTIONAL_PASSES) / rate
-    return {
+    report = {
         "floor_seconds": floor,
         "floor_seconds_without_optional_passes": essential,
         "share_of_floor": floor / step_seconds,
         "phase_floor_seconds": phase_floor,
         "phase_share_of_floor": {phase: phase_floor[phase] / seconds for phase, seconds in measured.items() if seconds > 0},
     }
+    if streaming_generation_seconds is not None:
+        generation = max(phase_floor.get("generation", 0.0), streaming_generation_seconds)
+        streaming_floor = floor - phase_floor.get("generation", 0.0) + generation
+        report["streaming_floor_seconds"] = streaming_floor
+        report["share_of_streaming_floor"] = streaming_floor / step_seconds
+        if measured.get("generation"):
+            report["generation_share_of_streaming_floor"] = generation / measured["generation"]
+    return report

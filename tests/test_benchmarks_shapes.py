@@ -74,6 +74,29 @@ def test_floor_report_divides_by_the_rate():
     assert report["phase_share_of_floor"] == pytest.approx({"generation": 0.5, "scoring": 0.5})  # a 0 s phase has no share
 
 
+def test_prompt_pass_is_the_batched_part_of_generation():
+    model = flops.Decoder.from_shapes(TINY)
+    weights, attention_pair = 2 * 576, 4 * 2 * 4
+    # 2 prompt tokens through 2 layers, causal pairs 1 + 2, logits at the last position only.
+    assert flops.prompt_pass_flops(model, batch=1, prompt_len=2) == 2 * 2 * weights + 3 * 2 * attention_pair + 2 * 1 * 8 * 32
+    assert flops.prompt_pass_flops(model, batch=3, prompt_len=2) == 3 * flops.prompt_pass_flops(model, batch=1, prompt_len=2)
+
+
+def test_streaming_floor_takes_the_larger_generation_bound():
+    passes = {"generation": 2e9, "actor_train_forward": 1e9}
+    measured = {"generation": 1.0, "actor": 0.5}
+    # Memory-bound generation (0.8 s > its 0.2 s FLOP floor) replaces the FLOP floor.
+    slow = flops.floor_report(passes, 10.0, measured, step_seconds=2.0, streaming_generation_seconds=0.8)
+    assert slow["floor_seconds"] == pytest.approx(0.3)
+    assert slow["streaming_floor_seconds"] == pytest.approx(0.9)
+    assert slow["share_of_streaming_floor"] == pytest.approx(0.45)
+    assert slow["generation_share_of_streaming_floor"] == pytest.approx(0.8)
+    # A streaming bound under the FLOP floor leaves the floor as it is.
+    fast = flops.floor_report(passes, 10.0, measured, step_seconds=2.0, streaming_generation_seconds=0.05)
+    assert fast["streaming_floor_seconds"] == pytest.approx(fast["floor_seconds"])
+    assert "streaming_floor_seconds" not in flops.floor_report(passes, 10.0, measured, step_seconds=2.0)
+
+
 def test_smollm2_shapes_match_the_published_parameter_count():
     # SmolLM2-135M-Instruct: 134,515,008 parameters (tied embeddings).
     assert flops.parameter_count(flops.Decoder.from_shapes(SHAPES["smollm2"]), tied_embeddings=True) == 134_515_008
