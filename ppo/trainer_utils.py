@@ -13,6 +13,7 @@ from paddlenlp.trainer import Trainer
 
 from ppo.comm_utils import all_ranks_finite
 from ppo.experience import Experience
+from ppo.grad_clip import SkipClipWithinNormMixin
 from ppo.models.ppo_model_utils import (
     ResponseWindow,
     actor_clipped_loss,
@@ -76,7 +77,7 @@ class StepStats:
     values: Dict[str, float] = field(default_factory=dict)
 
 
-class PolicyTrainer(Trainer):
+class PolicyTrainer(SkipClipWithinNormMixin, Trainer):
     """Trains the actor: PPO clipped objective plus, when a supervised batch is given, the ptx loss.
 
     Both terms go into ONE backward pass, so adding ptx never rescales the PPO gradient.
@@ -133,7 +134,7 @@ class PolicyTrainer(Trainer):
         return loss
 
 
-class ValueTrainer(Trainer):
+class ValueTrainer(SkipClipWithinNormMixin, Trainer):
     """Trains a value model with the clipped value loss on the same experience: PPO's critic on
     (old_values, returns), logged as reward_critic_loss; PPO-Lagrangian's cost critic on its own
     fields (`values_field`, `returns_field`, `loss_name`)."""

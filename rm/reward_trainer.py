@@ -11,6 +11,7 @@ import paddle.distributed as dist
 from paddlenlp.trainer import EvalPrediction, Trainer
 from paddlenlp.transformers.model_utils import unwrap_model
 
+from ppo.grad_clip import SkipClipWithinNormMixin
 from ppo.models.normalizer import DEFAULT_MOMENTUM, NORMALIZERS, check_normalizer_type
 from ppo.models.reward_losses import REWARD_LOSSES, PreferenceScores, check_loss_type, get_reward_loss
 from ppo.stage import StageArguments
@@ -87,7 +88,7 @@ def compute_reward_metrics(eval_prediction: EvalPrediction) -> Dict[str, float]:
     }
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(SkipClipWithinNormMixin, Trainer):
     """Trains a score model (`ppo.models.AutoModelForScore`) on `PreferenceDataset` batches."""
 
     args: RewardArguments

@@ -32,6 +32,7 @@ from paddlenlp.transformers import AutoModelForCausalLM  # noqa: E402
 
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import SupervisedDataset  # noqa: E402
+from ppo.grad_clip import SkipClipWithinNormMixin  # noqa: E402
 from ppo.model_io import load_tokenizer  # noqa: E402
 from ppo.model_import import resolve_model_path  # noqa: E402
 from ppo.models.ppo_model_utils import make_position_ids, supervised_lm_loss  # noqa: E402
@@ -47,7 +48,7 @@ class SftArguments(StageArguments):
     DATA_KIND = "supervised datasets"
 
 
-class SupervisedTrainer(Trainer):
+class SupervisedTrainer(SkipClipWithinNormMixin, Trainer):
     """PaddleNLP causal LMs do not shift labels themselves; `supervised_lm_loss` does (logits at t
     predict the label at t + 1), and averages over supervised tokens only."""
 

@@ -1,6 +1,7 @@
 """The C++ RMSNorm, rotary embedding and SwiGLU (`ppo.models.cpu_fused`) against their eager
 formulas: outputs and gradients, odd shapes, grouped-query heads; where the fused path is taken
-and where it is not; a whole model's loss and gradients with the extension on and off."""
+and where it is not; a whole model's loss and gradients with the extension on and off; the
+C++ token entropy against a float64 reference and the eager formula."""
 
 import numpy as np
 import paddle
@@ -76,6 +77,44 @@ def test_swiglu_matches_silu_times_up(packed):
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_of([ours], inputs), grads_of([theirs], inputs)):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def float64_entropy(z):
+    z = z.astype(np.float64)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+    return -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=-1)
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])  # near-uniform to nearly one-hot rows
+def test_token_entropy_matches_float64_and_the_eager_formula(scale, monkeypatch):
+    from ppo.models.ppo_model_utils import token_entropy
+
+    rng = np.random.default_rng(11)
+    z = (rng.standard_normal([3, 5, 49152]) * scale).astype("float32")
+    z[0, 0, :] = 0.0  # exactly uniform: log V
+    z[1, 1, 7] = 1e4  # one token takes all the mass: 0
+    with paddle.no_grad():
+        fused = cpu_fused.token_entropy(paddle.to_tensor(z)).numpy()
+        np.testing.assert_allclose(token_entropy(paddle.to_tensor(z)).numpy(), fused, rtol=0, atol=0)  # takes the C++ op
+        monkeypatch.setenv(cpu_extension.SWITCH_ENV, "0")
+        eager = token_entropy(paddle.to_tensor(z)).numpy()
+    assert fused.shape == (3, 5)
+    reference = float64_entropy(z)
+    np.testing.assert_allclose(fused, reference, rtol=1e-5, atol=1e-5)
+    # The eager formula sums 49152 float32 terms in float32: within 3e-4 relative, and never closer.
+    np.testing.assert_allclose(eager, reference, rtol=3e-4, atol=1e-4)
+    assert np.abs(fused - reference).max() <= np.abs(eager - reference).max() + 1e-6
+    assert abs(fused[0, 0] - np.log(49152)) < 1e-5 and abs(fused[1, 1]) < 1e-6
+
+
+def test_token_entropy_with_gradient_keeps_the_eager_graph():
+    from ppo.models.ppo_model_utils import token_entropy
+
+    logits = leaf(np.random.default_rng(12).standard_normal([2, 3, 17]).astype("float32"))
+    entropy = token_entropy(logits)
+    entropy.sum().backward()
+    assert logits.grad is not None and float(paddle.abs(logits.grad).sum()) > 0
 
 
 def test_the_fused_path_is_taken_only_where_it_applies(monkeypatch):

@@ -1,5 +1,6 @@
 """RMSNorm, rotary embedding and SwiGLU as single C++ ops with their own backward on CPU
-(`csrc/cpu_train_ops.cc`, part of the CPU extension).
+(`csrc/cpu_train_ops.cc`, part of the CPU extension), and the per-token entropy of the logits
+(forward only: the logged metric).
 
 Each replaces 5-9 eager elementwise ops, each a full pass over the activation, by one forward
 and one backward sweep. Same math as PaddleNLP's Llama/Qwen2 layers in float32; only the
@@ -57,3 +58,8 @@ def swiglu(gate: paddle.Tensor, up: Optional[paddle.Tensor] = None) -> paddle.Te
     if up is None:
         return extension.rlhf_swiglu_packed(gate)
     return extension.rlhf_swiglu(gate, up)
+
+
+def token_entropy(logits: paddle.Tensor) -> paddle.Tensor:  # [..., V] float32 -> [...]
+    """logsumexp(z) - sum softmax(z) * z over the last axis; no gradient."""
+    return load_extension().rlhf_token_entropy(logits)

@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Sequence, TypeVar, Union
 import paddle
 
 from ppo.data.base import IGNORE_INDEX
+from ppo.models import cpu_fused
 
 # Upper bound on elements of one float32 [rows, L, V] working chunk in the vocabulary-wide
 # reductions (64 Mi elements = 256 MiB). Long sequences times a 100k+ vocabulary would otherwise
@@ -371,6 +372,9 @@ def token_entropy(
     1000], as long as the softmax and both sums together)."""
     if logits.ndim != 3:
         raise ValueError(f"expected logits [B, T, V], got shape {list(logits.shape)}")
+    if (not paddle.is_grad_enabled() or logits.stop_gradient) and cpu_fused.applicable(logits):
+        # One C++ pass per row, no [B, T, V] temporaries (the logged metric needs no gradient).
+        return cpu_fused.token_entropy(logits)
     whole, pieces = slice(0, logits.shape[0]), []
     for rows in _row_chunks(logits, max_chunk_elements):
         chunk = as_float32(logits if rows == whole else logits[rows])

@@ -5,6 +5,7 @@
 // broadcast kernels), each reading and writing the whole [tokens, width] activation: at
 // SmolLM2's [8, 96, 576..1536] that is memory traffic, not arithmetic. float32, contiguous
 // tensors only; `ppo/models/cpu_fused.py` checks that and falls back to the eager ops otherwise.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -275,3 +276,47 @@ PD_BUILD_GRAD_OP(rlhf_swiglu_packed)
     .Inputs({"GateUp", paddle::Grad("Out")})
     .Outputs({paddle::Grad("GateUp")})
     .SetKernelFn(PD_KERNEL(SwigluPackedBackward));
+
+// ---------------------------------------------------------------------------------- Entropy
+// H = logsumexp(z) - sum_v softmax(z)_v z_v per row of the logits, for the logged policy entropy
+// (no backward: the metric is computed without gradient). One exp pass per row instead of the
+// eager softmax, max, log, product and sum over [tokens, vocabulary]; sums in double, so a
+// 49k-entry row keeps float32 accuracy.
+
+std::vector<paddle::Tensor> TokenEntropy(const paddle::Tensor& logits) {
+  std::vector<int64_t> shape = logits.shape();
+  const int64_t width = shape.back();
+  const int64_t rows = rows_of(logits);
+  shape.pop_back();
+  auto out = paddle::empty(shape, paddle::DataType::FLOAT32, logits.place());
+  std::vector<float> shifted(width), weights(width);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* z = logits.data<float>() + r * width;
+    float max_logit = -INFINITY;
+    for (int64_t i = 0; i < width; ++i) max_logit = std::max(max_logit, z[i]);
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) shifted[i] = z[i] - max_logit;
+    vmsExp(static_cast<int>(width), shifted.data(), weights.data(), rlhf::kVmlMode);
+    double total = 0.0, weighted = 0.0;
+#pragma omp simd reduction(+ : total, weighted)
+    for (int64_t i = 0; i < width; ++i) {
+      total += weights[i];
+      weighted += static_cast<double>(weights[i]) * shifted[i];
+    }
+    // With s = z - max: logsumexp(z) - E[z] = log(sum e^s) - E[s].
+    out.data<float>()[r] = static_cast<float>(std::log(total) - weighted / total);
+  }
+  return {out};
+}
+
+std::vector<std::vector<int64_t>> TokenEntropyShape(const std::vector<int64_t>& logits) {
+  return {std::vector<int64_t>(logits.begin(), logits.end() - 1)};
+}
+std::vector<paddle::DataType> TokenEntropyDtype(const paddle::DataType& logits) { return {logits}; }
+
+PD_BUILD_OP(rlhf_token_entropy)
+    .Inputs({"Logits"})
+    .Outputs({"Entropy"})
+    .SetKernelFn(PD_KERNEL(TokenEntropy))
+    .SetInferShapeFn(PD_INFER_SHAPE(TokenEntropyShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(TokenEntropyDtype));
