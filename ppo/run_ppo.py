@@ -44,6 +44,7 @@ from ppo.models.parallel_utils import (  # noqa: E402
 )
 from ppo.ppo_lag_trainer import PPOLagTrainer  # noqa: E402
 from ppo.ppo_trainer import PPOTrainer  # noqa: E402
+from ppo.process_exit import finish_process  # noqa: E402
 from ppo.preflight import check_training_output_dir  # noqa: E402
 from ppo.stage import model_dtype  # noqa: E402
 
@@ -290,3 +291,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    finish_process()

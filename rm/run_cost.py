@@ -28,6 +28,7 @@ from paddlenlp.trainer import set_seed  # noqa: E402
 
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import SafetyPreferenceDataset  # noqa: E402
+from ppo.process_exit import finish_process  # noqa: E402
 from ppo.stage import run_stage  # noqa: E402
 from rm.cost_trainer import CostArguments, CostTrainer  # noqa: E402
 from rm.run_reward import build_score_trainer  # noqa: E402
@@ -46,3 +47,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    finish_process()

@@ -30,6 +30,7 @@ from paddlenlp.utils.log import logger  # noqa: E402
 from ppo.cli import parse_config  # noqa: E402
 from ppo.data import PreferenceDataset  # noqa: E402
 from ppo.model_io import load_tokenizer  # noqa: E402
+from ppo.process_exit import finish_process  # noqa: E402
 from ppo.model_import import resolve_model_path  # noqa: E402
 from ppo.models import AutoModelForScore  # noqa: E402
 from ppo.models.freezing import train_top_layers_only  # noqa: E402
@@ -67,3 +68,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    finish_process()

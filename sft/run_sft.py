@@ -34,6 +34,7 @@ from ppo.cli import parse_config  # noqa: E402
 from ppo.data import SupervisedDataset  # noqa: E402
 from ppo.grad_clip import SkipClipWithinNormMixin  # noqa: E402
 from ppo.model_io import load_tokenizer  # noqa: E402
+from ppo.process_exit import finish_process  # noqa: E402
 from ppo.model_import import resolve_model_path  # noqa: E402
 from ppo.models.ppo_model_utils import make_position_ids, supervised_lm_loss  # noqa: E402
 from ppo.stage import StageArguments, build_stage_trainer, model_placement, run_stage  # noqa: E402
@@ -91,3 +92,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    finish_process()

@@ -364,13 +364,10 @@ def _worker(work_dir: str, plan_name: str) -> None:
         print(f"JOB {job} took {time.time() - started:.1f}s", flush=True)
     with open(os.path.join(work_dir, f"{plan_name}.rank{_rank()}.facts.json"), "w", encoding="utf-8") as f:
         json.dump(facts, f)
-    if "ppo-model-parallel" in facts:
-        # The model-parallel update stops inside Paddle's p2p / tensor-parallel ops, which gloo
-        # lacks on CPU; after that failure the interpreter's teardown sometimes aborts (exit code
-        # -6, seen in full-suite runs after every fact above was written). Leave without teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # As the entry points do: no native teardown in a multi-process CPU run (ppo/process_exit.py).
+    from ppo.process_exit import finish_process
+
+    finish_process()
 
 
 # =============================================================================================
