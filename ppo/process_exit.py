@@ -2,10 +2,10 @@
 
 Under `paddle.distributed.launch` on CPU (gloo), the interpreter's teardown after a finished run
 sometimes aborts in native code (SIGABRT, the launcher reports "Exit code -6"): every model,
-checkpoint and metrics file is already written, yet the job looks failed. Seen in 4 of 7 full test-suite runs on a 2-core machine (RM and
-model-parallel PPO launches). So a multi-process CPU run ends with Python's exit handlers (log
-flushing included), then `os._exit`, skipping only the native teardown; a single process, and
-GPU runs, exit normally.
+checkpoint and metrics file is already written, yet the job looks failed. Seen in 4 of 7 full
+test-suite runs on a 2-core machine (RM and model-parallel PPO launches). So a multi-process CPU
+run ends with Python's exit handlers (log flushing included), then `os._exit`, skipping only
+the native teardown; a single process, and GPU runs, exit normally.
 """
 
 from __future__ import annotations
