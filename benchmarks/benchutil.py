@@ -106,13 +106,12 @@ def decode_matmul_seconds(model, batch: int, steps: int, rounds: int = 3) -> flo
     of `rounds` (a floor should be reachable; a shared machine only ever slows a round down)."""
     step = decode_weight_matmuls(model, batch)
     step()  # kernel selection and allocation
-    seconds = []
-    for _ in range(rounds):
-        start = time.perf_counter()
+
+    def run_steps():
         for _ in range(steps):
             step()
-        seconds.append(time.perf_counter() - start)
-    return min(seconds)
+
+    return time_repeats(run_steps, rounds, warmup=0)["s_min"]
 
 
 def describe_mkl(environment: dict) -> str:

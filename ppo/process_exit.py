@@ -23,9 +23,9 @@ def is_multiprocess_cpu_run(environ=None) -> bool:
         processes = 1
     if processes <= 1:
         return False
-    import paddle
+    from ppo.models.kernels import runs_on_cpu
 
-    return not paddle.is_compiled_with_cuda() or paddle.device.get_device().startswith("cpu")
+    return runs_on_cpu()
 
 
 def finish_process(code: int = 0) -> None:

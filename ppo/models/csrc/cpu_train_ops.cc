@@ -17,6 +17,9 @@ namespace {
 
 int64_t rows_of(const paddle::Tensor& x) { return x.numel() / x.shape().back(); }
 
+// Output dtype of the single-input ops: the input's.
+std::vector<paddle::DataType> SameDtype(const paddle::DataType& x) { return {x}; }
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------- RMSNorm
@@ -263,14 +266,13 @@ std::vector<paddle::Tensor> SwigluPackedBackward(const paddle::Tensor& gate_up, 
 }
 
 std::vector<std::vector<int64_t>> SwigluPackedShape(const std::vector<int64_t>& gate_up) { return {halved(gate_up)}; }
-std::vector<paddle::DataType> SwigluPackedDtype(const paddle::DataType& gate_up) { return {gate_up}; }
 
 PD_BUILD_OP(rlhf_swiglu_packed)
     .Inputs({"GateUp"})
     .Outputs({"Out"})
     .SetKernelFn(PD_KERNEL(SwigluPackedForward))
     .SetInferShapeFn(PD_INFER_SHAPE(SwigluPackedShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(SwigluPackedDtype));
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
 
 PD_BUILD_GRAD_OP(rlhf_swiglu_packed)
     .Inputs({"GateUp", paddle::Grad("Out")})
@@ -312,11 +314,10 @@ std::vector<paddle::Tensor> TokenEntropy(const paddle::Tensor& logits) {
 std::vector<std::vector<int64_t>> TokenEntropyShape(const std::vector<int64_t>& logits) {
   return {std::vector<int64_t>(logits.begin(), logits.end() - 1)};
 }
-std::vector<paddle::DataType> TokenEntropyDtype(const paddle::DataType& logits) { return {logits}; }
 
 PD_BUILD_OP(rlhf_token_entropy)
     .Inputs({"Logits"})
     .Outputs({"Entropy"})
     .SetKernelFn(PD_KERNEL(TokenEntropy))
     .SetInferShapeFn(PD_INFER_SHAPE(TokenEntropyShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(TokenEntropyDtype));
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
