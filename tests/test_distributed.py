@@ -486,11 +486,26 @@ def model_state(directory) -> dict:
     return {name: value.numpy() for name, value in state.items()}
 
 
-def assert_same_weights(actual_dir, expected_dir, rtol=2e-4, atol=2e-5):
+def assert_same_weights(actual_dir, expected_dir, rtol=2e-4, atol=2e-5, stray_share=1e-3, stray_factor=5.0):
+    """Every tensor within (rtol, atol) of the one-process run, except at most `stray_share` of its
+    elements (at least one), which must still be within `stray_factor` x the tolerance. Adam divides
+    each element's gradient by its own running scale, so an element whose gradient is near zero
+    turns the summation-order differences of 1 vs 2 processes (and of MKL's kernels, which differ
+    between CPUs) into visible weight differences: seen on an AMD EPYC, 1 of 4096 elements at
+    3.8e-5 after an RM run. A wrong split or reduction moves most elements, not a stray few."""
     actual, expected = model_state(actual_dir), model_state(expected_dir)
     assert sorted(actual) == sorted(expected)
     for name in expected:
-        np.testing.assert_allclose(actual[name], expected[name], rtol=rtol, atol=atol, err_msg=name)
+        a, e = actual[name].astype(np.float64), expected[name].astype(np.float64)
+        assert a.shape == e.shape, name
+        allowed = atol + rtol * np.abs(e)
+        excess = np.abs(a - e) / allowed
+        strays = int((excess > 1.0).sum())
+        budget = max(1, int(stray_share * e.size))
+        assert strays <= budget and float(excess.max(initial=0.0)) <= stray_factor, (
+            f"{name}: {strays} of {e.size} elements outside rtol={rtol}, atol={atol} (at most {budget} allowed), "
+            f"worst {float(excess.max(initial=0.0)):.2f}x the tolerance (at most {stray_factor}x)"
+        )
 
 
 def assert_weights_moved(trained_dir, initial_dir):
