@@ -170,6 +170,13 @@ class PPOTrainingArguments(TrainingArguments, LagrangianArguments):
                           "Unset: when the run is fp32 without AMP, where they equal the recomputation to float32 "
                           "rounding; false: always recompute."},
     )
+    old_values_from_update: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Take the critics' old values from their first training forward (one critic forward less per "
+                          "rollout); possible when a rollout is one optimizer step (update_iters 1, every micro-batch "
+                          "accumulated), without pipeline parallel, critic rollout copies or critic dropout. Unset: "
+                          "whenever possible; true: required (an error says what prevents it); false: score with the critic."},
+    )
     # Critic overrides of the TrainingArguments
     critic_learning_rate: float = field(default=5e-6, metadata={"help": "Learning rate of the critic."})
     critic_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the critic."})

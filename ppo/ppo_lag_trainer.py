@@ -75,7 +75,7 @@ class PPOLagTrainer(PPOTrainer):
         self.cost_model = cost_model
         self._cost_critic = CriticRole(
             cost_critic_model, cost_critic_rollout_model, old_values_field="old_cost_values",
-            returns_field="cost_returns", loss_name="cost_critic_loss",
+            returns_field="cost_returns", token_rewards_field="costs", loss_name="cost_critic_loss",
         )  # fmt: skip
         super().__init__(*args, **kwargs)
         self.cost_scorer = self.score_model_reader(
@@ -115,6 +115,10 @@ class PPOLagTrainer(PPOTrainer):
         scored["reward_scores"] = paddle.where(finite, reward, nan)
         return super().exclude_nonfinite(scored, prompt_length)
 
+    def observe_rollout(self, scored: Dict[str, paddle.Tensor], prompt_length: int) -> None:
+        """λ steps once per rollout on its episode costs, before the experience is built with it."""
+        self._update_multiplier(scored["cost_scores"], action_mask_from(scored["attention_mask"].astype("bool"), prompt_length))
+
     def build_experience(self, scored: Dict[str, paddle.Tensor], prompt_length: int) -> SafetyExperience:
         args = self.args
         attention_mask = scored["attention_mask"].astype("bool")
@@ -126,7 +130,6 @@ class PPOLagTrainer(PPOTrainer):
         gae = dict(gamma=args.gamma, gae_lambda=args.gae_lambda)
         reward_advantages, returns = gae_advantages_and_returns(scored["old_values"], rewards, action_mask, **gae)
         cost_advantages, cost_returns = gae_advantages_and_returns(scored["old_cost_values"], costs, action_mask, **gae)
-        self._update_multiplier(scored["cost_scores"], action_mask)
         advantages = lagrangian_advantages(reward_advantages, cost_advantages, self._rollout_lambda)
         if args.whiten_advantages:
             advantages = global_masked_whiten(advantages, action_mask)

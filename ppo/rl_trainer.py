@@ -82,6 +82,7 @@ from ppo.reward_scoring import RewardScorer, SequenceScorer, exclude_nonfinite_r
 from ppo.rollout_copies import RolloutCopy, check_rollout_copies, uses_sharding_stage3, weight_refresher
 from ppo.sampling import EpochSampler, RolloutRandomState, batch_iterator
 from ppo.tokenizer_io import decode
+from ppo import values_from_update
 from ppo.trainer_utils import (
     GradientSync,
     NonFiniteLossError,
@@ -108,12 +109,26 @@ SCORING_CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass
+class ScoredRollout:
+    """A rollout scored by every model (`RLTrainer.score_rollout`), before its experience is built."""
+
+    scored: Dict[str, paddle.Tensor]
+    prompt_length: int
+    breakdown: Dict[str, List[float]]  # reward function -> this rank's scores
+    nonfinite: int  # responses left out for a NaN/inf score
+
+
+@dataclass
 class RolloutWork:
-    """One rollout's experience and how far the updates on it have got."""
+    """One rollout's experience and how far the updates on it have got. With `pending` the
+    critics' old values are still to come from their first training forward (see
+    `ppo.values_from_update`): `experience` then holds the token rewards, but its values,
+    advantages and returns are placeholders until the first update replaces it."""
 
     experience: Experience
     update_iter: int = 0
     micro_batch: int = 0
+    pending: Optional[ScoredRollout] = None
 
 
 @dataclass
@@ -125,6 +140,7 @@ class CriticRole:
     rollout_model: Optional[object] = None
     old_values_field: str = "old_values"
     returns_field: str = "returns"
+    token_rewards_field: str = "rewards"  # what its values estimate (PPO-Lagrangian's cost critic: "costs")
     loss_name: str = "reward_critic_loss"
 
 
@@ -242,6 +258,11 @@ class RLTrainer:
         self._stop_requested = False
         self._preempted_checkpoint: Optional[str] = None
         self._saved_step: Optional[int] = None
+        # Decided once: an impossible `old_values_from_update: true` fails here, before any work.
+        self.values_from_update = values_from_update.decide(
+            args.old_values_from_update,
+            values_from_update.blockers(args, {role: critic.model for role, critic in self.critics.items()}, self.rollout_copies),
+        )
 
     # ------------------------------------------------------------------------------------------
     # What an algorithm defines
@@ -251,6 +272,11 @@ class RLTrainer:
         old_log_probs, reference_log_probs (with a reference), each critic's old values and
         reward_scores, all [B, ...] over this rank's rollout."""
         raise NotImplementedError
+
+    def observe_rollout(self, scored: Dict[str, paddle.Tensor], prompt_length: int) -> None:
+        """Algorithm state that follows each rollout once (PPO-Lagrangian's λ), before
+        `build_experience`, which may then run more than once on the rollout (see
+        `ppo.values_from_update`)."""
 
     def critic_arguments(self, role: str) -> PPOTrainingArguments:
         """The Trainer arguments of a critic role (PPO: the `critic_*` overrides)."""
@@ -494,9 +520,12 @@ class RLTrainer:
         return size * multiples
 
     @paddle.no_grad()
-    def score_rollout(self, rollout: RolloutOutput, breakdown: Dict[str, List[float]]) -> Dict[str, paddle.Tensor]:
+    def score_rollout(
+        self, rollout: RolloutOutput, breakdown: Dict[str, List[float]], with_critics: bool = True
+    ) -> Dict[str, paddle.Tensor]:
         """Every model's rollout-time output, in chunks of `scoring_chunk_rows` rows; per-token
-        outputs are [B, L-1] with 0 outside the response positions."""
+        outputs are [B, L-1] with 0 outside the response positions. Without `with_critics` the
+        critics' old values are zeros, to be replaced by their first training forward's."""
         self._enter("score")
         self._require(*self.phase_needs("score"))
         for role in self.critics:
@@ -516,7 +545,11 @@ class RLTrainer:
             window = ResponseWindow.of(attention_mask, prompt_length)  # shared by every model below
             chunk = dict(input_ids=input_ids, attention_mask=attention_mask)
             values = {
-                critic.old_values_field: self._token_values(self.rollout_model(role), input_ids, attention_mask, position_ids, window)
+                critic.old_values_field: (
+                    self._token_values(self.rollout_model(role), input_ids, attention_mask, position_ids, window)
+                    if with_critics
+                    else paddle.zeros([input_ids.shape[0], input_ids.shape[1] - 1], dtype="float32")
+                )
                 for role, critic in self.critics.items()
             }
             if rollout_log_probs is not None:
@@ -538,6 +571,20 @@ class RLTrainer:
     @paddle.no_grad()
     def make_experience(self, prompt_batch: PromptBatch) -> Experience:
         """Rollout, score with every model, and let the algorithm build the experience."""
+        return self._experience_of(self._scored_rollout(prompt_batch, with_critics=True))
+
+    def start_rollout(self, prompt_batch: PromptBatch) -> RolloutWork:
+        """The work of one rollout: its experience, or (with `values_from_update`) its scores
+        and the placeholder experience the critics train on first."""
+        if not self.values_from_update:
+            return RolloutWork(self.make_experience(prompt_batch))
+        with paddle.no_grad():
+            scored = self._scored_rollout(prompt_batch, with_critics=False)
+            self.observe_rollout(scored.scored, scored.prompt_length)
+            placeholder = self.build_experience(scored.scored, scored.prompt_length)
+        return RolloutWork(placeholder, pending=scored)
+
+    def _scored_rollout(self, prompt_batch: PromptBatch, with_critics: bool) -> ScoredRollout:
         self._refresh_rollout_copies()
         self._enter("rollout")
         # Without max_new_tokens: the longest prompt of the global batch (all replicas), as one
@@ -545,12 +592,18 @@ class RLTrainer:
         longest_prompt = None if self.fixed_response_budget else int(all_reduce_max(float(prompt_batch.prompt_length)))
         rollout = self.generate(prompt_batch, self.args.num_return_sequences, longest_prompt)
         breakdown: Dict[str, List[float]] = {}
-        scored = self.score_rollout(rollout, breakdown)
+        scored = self.score_rollout(rollout, breakdown, with_critics=with_critics)
         nonfinite = self.exclude_nonfinite(scored, rollout.prompt_length)
         if nonfinite:
             logger.warning(f"{nonfinite} responses of this rollout have a NaN/inf reward: left out of the update")
-        experience = self.build_experience(scored, rollout.prompt_length)
-        self._record_rollout_metrics(experience, breakdown, nonfinite)
+        return ScoredRollout(scored, rollout.prompt_length, breakdown, nonfinite)
+
+    def _experience_of(self, rollout: ScoredRollout, observed: bool = False) -> Experience:
+        """The algorithm's experience of a scored rollout, its rollout metrics recorded."""
+        if not observed:
+            self.observe_rollout(rollout.scored, rollout.prompt_length)
+        experience = self.build_experience(rollout.scored, rollout.prompt_length)
+        self._record_rollout_metrics(experience, rollout.breakdown, rollout.nonfinite)
         return experience
 
     def extra_rollout_metrics(self, sums: Dict[str, float]) -> Dict[str, float]:
@@ -612,23 +665,28 @@ class RLTrainer:
         (tokens,) = all_reduce_sum([local])
         return self.args.gradient_accumulation_steps * max(self.args.world_size, 1) / max(tokens, 1.0)
 
-    def _update(self, micro_batches: List[Experience], wrapped: Dict[str, object]) -> bool:
-        """One optimizer step of every trained role over accumulated micro-batches.
+    def _update(self, micro_batches: List[Experience], wrapped: Dict[str, object], work: Optional[RolloutWork] = None) -> bool:
+        """One optimizer step of every trained role over accumulated micro-batches (`work` with
+        pending old values: the critics train first and fill them in, see `_train_critics_first`).
         Returns False (and leaves the weights untouched) when a loss was not finite."""
         self._require(*self.phase_needs("train"))
-        step_stats, losses = [], {}
+        losses = {}
+        stats = [StepStats() for _ in micro_batches]
         token_scale = self.global_token_scale(micro_batches) if self.args.loss_reduction == GLOBAL_TOKEN_MEAN else None
+        roles = list(self.trainers)
         try:
+            if work is not None and work.pending is not None:
+                micro_batches = self._train_critics_first(work, micro_batches, wrapped, stats, token_scale)
+                roles = [role for role in roles if role not in self.critics]
             for index, experience in enumerate(micro_batches):
                 is_last = index == len(micro_batches) - 1
-                stats = StepStats()
-                for role, trainer in self.trainers.items():
-                    inputs = self.role_inputs(role, experience, stats)
+                for role in roles:
+                    inputs = self.role_inputs(role, experience, stats[index])
                     if token_scale is not None:
                         inputs["token_scale"] = token_scale
                     with self._gradient_sync[role].during(is_last):
-                        losses[role] = trainer.training_step(wrapped[role], inputs)
-                step_stats.append(stats.values)
+                        losses[role] = self.trainers[role].training_step(wrapped[role], inputs)
+            step_stats = [micro_batch_stats.values for micro_batch_stats in stats]
             if self.args.pipeline_parallel_degree > 1:
                 # PaddleNLP's pipeline path buffers the micro-batches and runs forward and backward
                 # in the last training_step; our loss hooks never run, so check the losses it returns.
@@ -659,6 +717,48 @@ class RLTrainer:
         self.tracker.add({f"train/{name}": value for name, value in reduce_metrics(mean_stats(step_stats)).items()})
         return True
 
+    def _train_critics_first(
+        self, work: RolloutWork, micro_batches: List[Experience], wrapped: Dict[str, object],
+        stats: List[StepStats], token_scale: Optional[float],
+    ) -> List[Experience]:  # fmt: skip
+        """Each critic's forward/backward over the whole rollout (one optimizer step's micro-batches),
+        its detached values taken as the old values and the GAE returns of its token rewards as
+        targets; then the rollout's experience with those values (its metrics recorded), split into
+        the same micro-batches for the actor. `work.experience` becomes that experience."""
+        if len(micro_batches) != len(work.experience.split(self.args.per_device_train_batch_size)):
+            raise RuntimeError("old values from the update need the whole rollout in one optimizer step")
+        old_values = {critic.old_values_field: [] for critic in self.critics.values()}
+        for role, critic in self.critics.items():
+            for index, experience in enumerate(micro_batches):
+                inputs = {
+                    "experience": experience,
+                    "stats": stats[index],
+                    "targets_from_values": self._critic_targets(critic, experience, old_values[critic.old_values_field]),
+                }
+                if token_scale is not None:
+                    inputs["token_scale"] = token_scale
+                with self._gradient_sync[role].during(index == len(micro_batches) - 1):
+                    self.trainers[role].training_step(wrapped[role], inputs)
+        pending = work.pending
+        scored = dict(pending.scored, **{name: paddle.concat(parts, axis=0) for name, parts in old_values.items()})
+        with paddle.no_grad():
+            work.experience = self._experience_of(ScoredRollout(scored, pending.prompt_length, pending.breakdown, pending.nonfinite), observed=True)
+        work.pending = None
+        return work.experience.split(self.args.per_device_train_batch_size)
+
+    def _critic_targets(self, critic: CriticRole, experience: Experience, sink: List[paddle.Tensor]):
+        """For `ValueTrainer.compute_loss`: old values [b, L-1] of this forward -> its returns; each
+        call's old values are kept in `sink` (micro-batch order)."""
+        args = self.args
+
+        def targets(old_values: paddle.Tensor) -> paddle.Tensor:
+            sink.append(old_values)
+            return values_from_update.critic_returns(
+                old_values, getattr(experience, critic.token_rewards_field), experience.action_mask, args.gamma, args.gae_lambda
+            )
+
+        return targets
+
     def _train_on(self, work: RolloutWork, wrapped: Dict[str, object], progress) -> bool:
         """Run the optimizer steps of one rollout; returns True when the rollout is used up."""
         args = self.args
@@ -670,7 +770,7 @@ class RLTrainer:
                     return False
                 self._enter("train")
                 group = micro_batches[work.micro_batch : work.micro_batch + accumulation]
-                stepped = self._update(group, wrapped)
+                stepped = self._update(group, wrapped, work)
                 work.micro_batch += accumulation
                 if stepped:
                     self.state.global_step += 1
@@ -760,7 +860,7 @@ class RLTrainer:
             while self.state.global_step < self.max_steps and not self._stop_requested:
                 if work is None:
                     prompt_batch = PromptBatch.from_collated(next(self.prompt_batches))
-                    work = RolloutWork(self.make_experience(prompt_batch))
+                    work = self.start_rollout(prompt_batch)
                     self.state.rollouts_done += 1
                 if self._train_on(work, wrapped, progress):
                     work = None

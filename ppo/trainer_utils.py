@@ -149,10 +149,17 @@ class ValueTrainer(SkipClipWithinNormMixin, Trainer):
         stats: StepStats = inputs["stats"]
         window = ResponseWindow.of(experience.attention_mask, experience.prompt_length)  # see PolicyTrainer
         values = response_values(model, experience.input_ids, experience.attention_mask, experience.position_ids, window)
+        targets_from_values = inputs.get("targets_from_values")
+        if targets_from_values is None:
+            old_values, returns = getattr(experience, self.values_field), getattr(experience, self.returns_field)
+        else:
+            # This forward is the rollout-time one (`ppo.values_from_update`): its values are the old values.
+            old_values = window.to_full(values.detach().astype("float32"))
+            returns = targets_from_values(old_values)
         loss = inputs.get("token_scale", 1.0) * critic_clipped_loss(
             values,
-            window.tokens(getattr(experience, self.values_field)),
-            window.tokens(getattr(experience, self.returns_field)),
+            window.tokens(old_values),
+            window.tokens(returns),
             window.tokens(experience.action_mask),
             self.args.clip_range_value,
             reduction=self.args.loss_math_reduction,
