@@ -10,8 +10,9 @@ thread, OMP_WAIT_POLICY=PASSIVE. The first `--warmup` steps are not counted; the
 model save is skipped (it is not part of a step).
 
 Phase times are measured around the trainer's own calls (nothing is re-implemented):
-  generation = the rollout engine's generate; scoring = the rest of `make_experience`;
-  actor / critic = their `training_step` (forward + backward) plus their optimizer's step.
+  generation = the rollout engine's generate; scoring = the rest of `start_rollout` (the rollout
+  and every scoring forward); actor / critic = their `training_step` (forward + backward) plus
+  their optimizer's step (with old values from the critic's update, its one forward is there).
 
 Floor: the step's matmul FLOPs per phase (benchmarks/flops.py, counted from the shapes) divided by
 the GEMM rate of an fp32 matmul probe run in this process after training; the share of the floor
@@ -28,7 +29,9 @@ Prints progress lines, then one line of JSON (the last line). Usage, from anywhe
 prompts x 2 (num_return_sequences), KL coefficient 0.05 against the reference (GRPO: k3 KL loss
 term, RLOO: in the reward, as TRL does), no critic. `--old-log-probs` picks where the actor's old
 log-probs come from: auto (the trainer's rule: the rollout engine's when fp32 without AMP),
-rollout, or recompute (an actor scoring forward).
+rollout, or recompute (an actor scoring forward). `--old-values` likewise for the critic's old
+values: auto (from its first training forward whenever a rollout is one optimizer step, as here),
+update, or score (a critic scoring forward).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--completions-per-prompt", type=int, default=None, help="default 1 for ppo, 2 for grpo/rloo")
     parser.add_argument("--kl", type=float, default=0.05, help="grpo/rloo: KL coefficient (the peer's beta)")
     parser.add_argument("--old-log-probs", choices=("auto", "rollout", "recompute"), default="auto")
+    parser.add_argument("--old-values", choices=("auto", "update", "score"), default="auto")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-6)
@@ -189,6 +193,8 @@ def main(argv=None):
         # Gradients freed after each optimizer step, as config/llama/ppo_argument.json ships and
         # as TRL (`zero_grad(set_to_none=True)`) does: PaddleNLP's default zeroes and keeps them.
         release_grads=True,
+        # Read by RLTrainer.values_from_update, decided when the trainer is built.
+        old_values_from_update={"auto": None, "update": True, "score": False}[args.old_values],
     )
     trainer = PPOTrainer(
         args=training_args, actor_model=actor, reference_model=reference, reward_model=reward_model,
@@ -200,7 +206,7 @@ def main(argv=None):
     trainer.engine = RolloutEngine(actor, eos_token_id=vocab, pad_token_id=tokenizer.pad_token_id, backend=args.backend)
 
     clock = PhaseClock()
-    clock.wrap(trainer, "make_experience", "make_experience", starts_step=True)
+    clock.wrap(trainer, "start_rollout", "rollout", starts_step=True)
     clock.wrap(trainer.engine, "generate", "generation")
     clock.wrap(trainer.actor_trainer, "training_step", "actor")
     roles = list(trainer.trainers)  # "actor", and "critic" for ppo
@@ -241,7 +247,7 @@ def main(argv=None):
         if phase == "critic" and "critic" not in roles:
             continue
         if phase == "scoring":
-            values = [clock.steps[i]["make_experience"] - clock.steps[i]["generation"] for i in measured]
+            values = [clock.steps[i]["rollout"] - clock.steps[i]["generation"] for i in measured]
         else:
             values = [clock.steps[i][phase] for i in measured]
         phases[phase] = round(statistics.median(values), 4)
@@ -254,6 +260,7 @@ def main(argv=None):
     passes = ppo_step_flops(
         Decoder.from_shapes(shapes), rows, args.prompt_len, args.new_tokens,
         with_critic="critic" in roles, with_actor_scoring=not from_rollout,
+        with_critic_scoring=not trainer.values_from_update,
     )  # fmt: skip
     probe = gemm_probe()
     # Generation bound by memory instead: the prompt pass at the GEMM rate, then every new token
@@ -267,7 +274,7 @@ def main(argv=None):
         "gflop_by_phase": {name: round(flops / 1e9, 2) for name, flops in by_bench_phase(passes).items()},
         "gemm_probe": {key: round(value, 2) if isinstance(value, float) else value for key, value in probe.items()},
         "floor_seconds": round(floor["floor_seconds"], 4),
-        "floor_seconds_without_actor_scoring_forward": round(floor["floor_seconds_without_optional_passes"], 4),
+        "floor_seconds_without_optional_scoring_forwards": round(floor["floor_seconds_without_optional_passes"], 4),
         "share_of_floor": round(floor["share_of_floor"], 3),
         "phase_floor_seconds": {name: round(value, 4) for name, value in floor["phase_floor_seconds"].items()},
         "phase_share_of_floor": {name: round(value, 3) for name, value in floor["phase_share_of_floor"].items()},
@@ -288,6 +295,7 @@ def main(argv=None):
         "bench": "ppo" if args.algorithm == "ppo" else args.algorithm,
         "algorithm": args.algorithm,
         "old_log_probs_from_rollout": from_rollout,
+        "old_values_from_update": trainer.values_from_update,
         "ppo_step_seconds": round(step_median, 4),
         "generated_tokens_per_second": round(new_tokens / step_median, 1),
         "generation_phase_tokens_per_second": round(generation_tps, 1),
@@ -316,7 +324,7 @@ def main(argv=None):
     print(f"step arithmetic {floor_result['tflop_per_step']:.3f} TFLOP ({by_phase}); GEMM probe {probe['shape']} fp32, "
           f"{args.threads} thread(s): {probe['gflops_per_second']:.1f} GFLOP/s (median {probe['gflops_per_second_median']:.1f}) "
           f"-> floor {floor['floor_seconds']:.2f} s per step ({floor['floor_seconds_without_optional_passes']:.2f} s without "
-          f"the actor's scoring forward)", flush=True)
+          f"the actor's and critic's scoring forwards)", flush=True)
     shares = ", ".join(f"{name} {value:.0%}" for name, value in floor["phase_share_of_floor"].items())
     print(f"this run reaches {floor['share_of_floor']:.1%} of the floor ({step_median:.2f} s per step); per phase: {shares}; "
           f"{describe_mkl(environment)}", flush=True)

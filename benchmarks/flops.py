@@ -41,9 +41,10 @@ BENCH_PHASE = {
     "critic_train_forward": "critic",
     "critic_train_backward": "critic",
 }
-# The pass a step can drop: the rollout engine can return the old log-probs itself (TRL takes
-# them from generation too), so the floor is also given without it.
-OPTIONAL_PASSES = ("actor_scoring_forward",)
+# The passes a step can drop: the rollout engine can return the old log-probs itself (TRL takes
+# them from generation too), and the critic's first training forward can give the old values
+# (`ppo.values_from_update`), so the floor is also given without them.
+OPTIONAL_PASSES = ("actor_scoring_forward", "critic_scoring_forward")
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,15 @@ def forward_flops(model: Decoder, tokens: int, head_positions: int, head_width: 
 
 
 def ppo_step_flops(
-    model: Decoder, batch: int, prompt_len: int, new_tokens: int, with_critic: bool = True, with_actor_scoring: bool = True
+    model: Decoder, batch: int, prompt_len: int, new_tokens: int, with_critic: bool = True, with_actor_scoring: bool = True,
+    with_critic_scoring: bool = True,
 ) -> Dict[str, int]:
     """FLOPs of each pass of one PPO step (keys of `BENCH_PHASE`): `batch` responses of
     `new_tokens` to prompts of `prompt_len` tokens, one update over all of them. The reward
     model and critic share the policy's backbone shapes, with a 1-column head. Critic-free
     algorithms (GRPO, RLOO) have no critic passes (`with_critic`); with the rollout's old
-    log-probs there is no actor scoring forward (`with_actor_scoring`)."""
+    log-probs there is no actor scoring forward (`with_actor_scoring`), with old values from the
+    critic's update no critic scoring forward (`with_critic_scoring`)."""
     total = prompt_len + new_tokens
     rolled = prompt_len + new_tokens - 1  # the last sampled token is never fed back
     generation = forward_flops(model, batch * rolled, batch * new_tokens, model.vocab, batch * causal_pairs(rolled))
@@ -129,8 +132,10 @@ def ppo_step_flops(
         "critic_train_forward": critic,
         "critic_train_backward": 2 * critic,
     }
-    dropped = ([] if with_critic else [name for name in passes if name.startswith("critic")]) + (
-        [] if with_actor_scoring else ["actor_scoring_forward"]
+    dropped = (
+        ([] if with_critic else [name for name in passes if name.startswith("critic")])
+        + ([] if with_actor_scoring else ["actor_scoring_forward"])
+        + ([] if with_critic_scoring else ["critic_scoring_forward"])
     )
     return {name: flops for name, flops in passes.items() if name not in dropped}
 

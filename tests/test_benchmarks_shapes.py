@@ -62,6 +62,10 @@ def test_critic_free_and_rollout_log_prob_steps_drop_their_passes():
     }  # fmt: skip
     assert all(grpo[name] == full[name] for name in grpo)
     assert "critic" not in flops.by_bench_phase(grpo)
+    # Old values from the critic's update: its training passes stay, its scoring forward goes.
+    shortcut = flops.ppo_step_flops(model, batch=2, prompt_len=3, new_tokens=2, with_critic_scoring=False)
+    assert set(full) - set(shortcut) == {"critic_scoring_forward"}
+    assert flops.by_bench_phase(shortcut)["critic"] == flops.by_bench_phase(full)["critic"]
 
 
 def test_floor_report_divides_by_the_rate():
