@@ -8,8 +8,9 @@ EOS id is set outside the vocabulary, so no row stops early); sampling at temper
 fp32; 1 thread; OMP_WAIT_POLICY=PASSIVE.
 
 Compute floor: the wall time of the decode-step weight matmuls alone — per layer [B, hidden] x
-q|k, v, o, gate|up and down, plus the LM head, with paddle.matmul on the model's weights in this
-process — for all new tokens. It leaves out attention, norms, sampling and the prompt pass, so no
+q|k, v, o, gate|up and down, plus the LM head, on the model's weights in this process, with the
+kernels the engine's decode step uses (the streaming kernels on 32-column panels where the CPU
+has AVX-512, else paddle.matmul / MKL; `PADDLE_RLHF_STREAMING_GEMM`) — for all new tokens. It leaves out attention, norms, sampling and the prompt pass, so no
 decoder built from these matmuls can beat it.
 
 Prints progress lines, then one line of JSON (the last line). Usage, from anywhere:

@@ -75,18 +75,35 @@ def gemm_probe(m: int = 512, k: int = 576, n: int = 1536, repeats: int = 8, roun
 
 
 def decode_weight_matmuls(model, batch: int):
-    """A callable running one decode step's weight matmuls on `model`'s own weights: per layer
-    [batch, hidden] x q|k, v, o, gate|up and down, then the LM head. Nothing else a decoder does
-    (attention, norms, sampling) is in it, so no decoder built from these matmuls is faster: at a
-    few rows it streams every weight from memory once, the memory-bound floor of a decode step."""
+    """A callable running one decode step's weight matmuls on `model`'s own weights, with the
+    kernels the engine's decode step uses (`ppo.models.cpu_decode.streaming_level`: the streaming
+    kernels on 32-column panels, or MKL's sgemm): per layer [batch, hidden] x q|k, v, o, gate|up
+    and down, then the LM head. Nothing else a decoder does (attention, norms, sampling) is in
+    it, so no decoder built from these matmuls is faster: at a few rows it streams every weight
+    from memory once, the memory-bound floor of a decode step."""
     import paddle
 
+    from ppo.models.cpu_decode import panel_product, streaming_level, to_panels
     from ppo.models.infer_model_utils import collect_decoder_weights
 
     weights = collect_decoder_weights(model)
     per_layer = [(layer.query_key, layer.value, layer.o_proj, layer.gate_up, layer.down_proj) for layer in weights.layers]
     hidden_in = paddle.randn([batch, weights.layers[0].o_proj.shape[-1]])
     intermediate_in = paddle.randn([batch, weights.layers[0].down_proj.shape[0]])
+    level = streaming_level()
+    if level > 0:
+        panels = [[(to_panels(w), w.shape[1]) for w in layer] for layer in per_layer]
+        head = weights.lm_head if weights.lm_head_transposed else weights.lm_head.transpose([1, 0]).contiguous()
+
+        @paddle.no_grad()
+        def streamed_step():
+            for (query_key, value, o_proj, gate_up, down) in panels:
+                for (panel, columns), x in ((query_key, hidden_in), (value, hidden_in), (o_proj, hidden_in),
+                                            (gate_up, hidden_in), (down, intermediate_in)):  # fmt: skip
+                    panel_product(x, panel, level, panel_columns=columns)
+            panel_product(hidden_in, head, level, head=True)
+
+        return streamed_step
 
     @paddle.no_grad()
     def step():
@@ -178,6 +195,11 @@ def emit_result(result: dict, json_path=None) -> None:
     if cpu_extension.load_extension.cache_info().currsize:  # only report what this run asked for
         reason = cpu_extension.unavailable_reason()
         result.setdefault("environment", {})["cpu_extension"] = "loaded" if reason is None else f"unavailable: {reason}"
+        if reason is None:
+            from ppo.models.cpu_decode import VECTOR_LEVELS, streaming_level
+
+            names = {level: name for name, level in VECTOR_LEVELS.items()}
+            result["environment"]["decode_projections"] = names[streaming_level()]
 
     if json_path:
         with open(json_path, "w") as f:

@@ -7,6 +7,7 @@ import pytest
 
 from ppo.infer_utils import DecoderRollout, GenerationSettings
 from ppo.models import cpu_extension
+from ppo.models import cpu_decode
 from ppo.models.cpu_decode import fused_decode_step, unsupported_reason
 from ppo.models.infer_model_utils import build_rope_tables, collect_decoder_weights, decode_step, prefill
 from ppo.models.ppo_model_utils import make_position_ids
@@ -31,13 +32,24 @@ def _prefilled(model, lengths, width, steps, seed):
     return weights, rope, caches, positions[:, -1] + 1
 
 
+# The projection kernels: MKL on the plain weights, the AVX2 and AVX-512 streaming kernels.
+LEVELS = {"mkl": 0, "avx2": 1, "avx512": 2}
+
+
+def _require_level(level: int) -> None:
+    if cpu_decode.cpu_vector_level() < level:
+        pytest.skip(f"this CPU runs streaming level {cpu_decode.cpu_vector_level()}, not {level}")
+
+
+@pytest.mark.parametrize("level_name", sorted(LEVELS))
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @paddle.no_grad()
-def test_fused_step_matches_eager_step_and_writes_the_same_cache(extension, model_name):
+def test_fused_step_matches_eager_step_and_writes_the_same_cache(extension, model_name, level_name):
+    _require_level(LEVELS[level_name])
     model = MODELS[model_name]()
     width, steps = 9, 7
     weights, rope, ((logits, eager_cache), (_, fused_cache)), positions = _prefilled(model, [5, 9, 2, 7], width, steps, seed=4)
-    fused = fused_decode_step(weights, rope)
+    fused = fused_decode_step(weights, rope, level=LEVELS[level_name])
     assert fused is not None
     tokens = paddle.argmax(logits, axis=-1)
     for step in range(steps):
@@ -108,3 +120,49 @@ def test_a_failing_build_leaves_no_cache_entry(monkeypatch, tmp_path):
     assert "build or load failed" in cpu_extension.unavailable_reason()
     extensions = tmp_path / "cache" / "extensions"
     assert not [entry for entry in extensions.iterdir() if not entry.name.endswith(".lock")]
+
+
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("rows, inner, columns", [(1, 576, 960), (8, 64, 96), (13, 17, 45), (3, 100, 33), (20, 8, 7)])
+def test_streaming_products_match_float64(extension, level, rows, inner, columns):
+    """Every row count (full groups and remainders), column tails inside a panel and inner sizes
+    that are not a multiple of the vector width."""
+    _require_level(level)
+    rng = np.random.default_rng(rows * 1000 + columns)
+    x = rng.standard_normal((rows, inner)).astype("float32")
+    weight = rng.standard_normal((inner, columns)).astype("float32")
+    expected = x.astype(np.float64) @ weight.astype(np.float64)
+    tolerance = 2e-6 * np.sqrt(inner) * max(1.0, np.abs(expected).max())
+    got = cpu_decode.panel_product(paddle.to_tensor(x), paddle.to_tensor(weight), level).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance)
+    head = np.ascontiguousarray(weight.T)  # [columns, inner], as a tied LM head is stored
+    got_head = cpu_decode.panel_product(paddle.to_tensor(x), paddle.to_tensor(head), level, head=True).numpy()
+    np.testing.assert_allclose(got_head, expected, rtol=0, atol=tolerance)
+
+
+def test_panels_hold_32_columns_of_every_row_zero_padded(extension):
+    weight = paddle.arange(3 * 40, dtype="float32").reshape([3, 40])
+    panels = cpu_decode.to_panels(weight).numpy()
+    assert panels.shape == (2, 3, 32)
+    np.testing.assert_array_equal(panels[0], weight.numpy()[:, :32])
+    np.testing.assert_array_equal(panels[1, :, :8], weight.numpy()[:, 32:])
+    assert not panels[1, :, 8:].any()
+
+
+def test_streaming_level_follows_the_environment_and_the_cpu(extension, monkeypatch):
+    available = cpu_decode.cpu_vector_level()
+    monkeypatch.setenv(cpu_decode.STREAMING_ENV, "mkl")
+    assert cpu_decode.streaming_level() == 0
+    monkeypatch.setenv(cpu_decode.STREAMING_ENV, "avx512")
+    assert cpu_decode.streaming_level() == min(2, available)  # never beyond what the CPU runs
+    monkeypatch.setenv(cpu_decode.STREAMING_ENV, "sse")
+    with pytest.raises(ValueError, match="avx2"):
+        cpu_decode.streaming_level()
+    monkeypatch.delenv(cpu_decode.STREAMING_ENV)
+    assert cpu_decode.streaming_level() == (2 if available == 2 else 0)
+
+
+def test_the_kernels_refuse_a_level_beyond_the_cpu(extension):
+    x, weight = paddle.ones([2, 4]), paddle.ones([4, 4])
+    with pytest.raises(Exception, match="beyond this CPU|not in"):
+        extension.rlhf_cpu_panel_product(x, cpu_decode.to_panels(weight), 4, False, cpu_decode.cpu_vector_level() + 1)

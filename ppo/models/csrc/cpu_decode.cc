@@ -4,8 +4,9 @@
 // RoPE, cache writes, attention, SwiGLU); here they run as plain loops between MKL GEMMs, so a
 // step costs its matmuls plus a few microseconds per layer. float32 only; the Python side
 // (`ppo/models/cpu_extension.py`) checks every precondition and falls back to the eager
-// decoder otherwise. Built without -march flags: the loops are SSE2-vectorised and MKL picks
-// its own kernels at run time, so the same binary runs on every x86-64 CPU.
+// decoder otherwise. Built without -march flags: the loops are SSE2-vectorised, MKL picks its
+// own kernels at run time, and the streaming projections (panel_gemm.h) run AVX2 or AVX-512 code
+// only where the CPU reports it, so the same binary runs on every x86-64 CPU.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +15,7 @@
 
 #include "paddle/extension.h"
 #include "mkl_math.h"
+#include "panel_gemm.h"
 
 namespace {
 
@@ -21,6 +23,17 @@ namespace {
 void matmul(const float* a, const float* b, float* c, int m, int n, int k, bool transpose_b,
             bool accumulate) {
   rlhf::gemm(false, transpose_b, m, n, k, 1.0f, a, k, b, transpose_b ? k : n, accumulate ? 1.0f : 0.0f, c, n);
+}
+
+// c[m, n] = a[m, k] · W (+ c when accumulate): W [k, n] for MKL (vector_level 0), else W's
+// panels [ceil(n/32), k, 32] for the streaming kernels of panel_gemm.h.
+void project(const float* a, const paddle::Tensor& weight, float* c, int m, int n, int k, bool accumulate,
+             int vector_level) {
+  if (vector_level > 0) {
+    rlhf::panel_gemm(a, m, k, weight.data<float>(), n, c, accumulate, vector_level);
+  } else {
+    matmul(a, weight.data<float>(), c, m, n, k, false, accumulate);
+  }
 }
 
 void rms_norm(const float* x, const float* weight, float* out, int rows, int width, float eps) {
@@ -95,7 +108,9 @@ void attend(const float* query,  // [B, H*D], already scaled
 
 // Weights per layer, in this order (`per_layer` tensors each): input_norm, query_key [hidden,
 // (H+Hkv)*D], value [hidden, Hkv*D], o_proj [H*D, hidden], post_norm, gate_up [hidden, 2F],
-// down [F, hidden], then query_key_bias and value_bias when has_bias.
+// down [F, hidden], then query_key_bias and value_bias when has_bias. With vector_level 1 or 2
+// (AVX2 / AVX-512, see panel_gemm.h) the five projections come as panels [ceil(n/32), k, 32] and
+// the LM head as [V, hidden] (lm_head_transposed).
 std::vector<paddle::Tensor> DecodeStep(
     const paddle::Tensor& token_ids,  // [B] int64
     const paddle::Tensor& positions,  // [B] int64
@@ -109,7 +124,7 @@ std::vector<paddle::Tensor> DecodeStep(
     const paddle::Tensor& final_norm,  // [hidden]
     const paddle::Tensor& lm_head,  // [hidden, V] or [V, hidden]
     int slot, float eps, int num_heads, int num_kv_heads, bool has_bias, bool lm_head_transposed,
-    bool divide_query_by_sqrt_dim) {
+    bool divide_query_by_sqrt_dim, int vector_level) {
   const int per_layer = has_bias ? 9 : 7;
   const int num_layers = static_cast<int>(key_caches.size());
   PD_CHECK(static_cast<int>(layer_weights.size()) == per_layer * num_layers, "expected ", per_layer,
@@ -122,7 +137,11 @@ std::vector<paddle::Tensor> DecodeStep(
   s.heads = num_heads;
   s.kv_heads = num_kv_heads;
   s.head_dim = s.hidden / num_heads;
-  s.intermediate = static_cast<int>(layer_weights[6].shape()[0]);
+  PD_CHECK(vector_level >= 0 && vector_level <= rlhf::vector_level(), "vector level ", vector_level,
+           " is beyond this CPU's ", rlhf::vector_level());
+  PD_CHECK(vector_level == 0 || lm_head_transposed, "the streaming kernels take the LM head as [V, hidden]");
+  // down_proj: [F, hidden], or its panels [ceil(hidden/32), F, 32].
+  s.intermediate = static_cast<int>(layer_weights[6].shape()[vector_level > 0 ? 1 : 0]);
   s.capacity = static_cast<int>(attention_bias.shape()[3]);
   s.slot = slot;
   PD_CHECK(slot >= 0 && slot < s.capacity, "slot ", slot, " outside the cache of ", s.capacity);
@@ -157,8 +176,8 @@ std::vector<paddle::Tensor> DecodeStep(
   for (int layer = 0; layer < num_layers; ++layer) {
     const paddle::Tensor* w = layer_weights.data() + layer * per_layer;
     rms_norm(hidden.data(), w[0].data<float>(), normed.data(), s.batch, s.hidden, eps);
-    matmul(normed.data(), w[1].data<float>(), query_key.data(), s.batch, rotated_width, s.hidden, false, false);
-    matmul(normed.data(), w[2].data<float>(), value.data(), s.batch, s.kv_width(), s.hidden, false, false);
+    project(normed.data(), w[1], query_key.data(), s.batch, rotated_width, s.hidden, false, vector_level);
+    project(normed.data(), w[2], value.data(), s.batch, s.kv_width(), s.hidden, false, vector_level);
     if (has_bias) {
       const float* qk_bias = w[7].data<float>();
       const float* v_bias = w[8].data<float>();
@@ -194,28 +213,70 @@ std::vector<paddle::Tensor> DecodeStep(
                   query_key.data() + static_cast<size_t>(b) * rotated_width, sizeof(float) * s.q_width());
     }
     attend(query.data(), key_cache, value_cache, attention_bias.data<float>(), attended.data(), s, scores);
-    matmul(attended.data(), w[3].data<float>(), hidden.data(), s.batch, s.hidden, s.q_width(), false, true);
+    project(attended.data(), w[3], hidden.data(), s.batch, s.hidden, s.q_width(), true, vector_level);
 
     rms_norm(hidden.data(), w[4].data<float>(), normed.data(), s.batch, s.hidden, eps);
-    matmul(normed.data(), w[5].data<float>(), gate_up.data(), s.batch, 2 * s.intermediate, s.hidden, false, false);
+    project(normed.data(), w[5], gate_up.data(), s.batch, 2 * s.intermediate, s.hidden, false, vector_level);
     for (int b = 0; b < s.batch; ++b) {
       const float* gate = gate_up.data() + static_cast<size_t>(b) * 2 * s.intermediate;
       rlhf::silu_times(gate, gate + s.intermediate, activation.data() + static_cast<size_t>(b) * s.intermediate,
                        s.intermediate, scratch_exp);
     }
-    matmul(activation.data(), w[6].data<float>(), hidden.data(), s.batch, s.hidden, s.intermediate, false, true);
+    project(activation.data(), w[6], hidden.data(), s.batch, s.hidden, s.intermediate, true, vector_level);
   }
 
   rms_norm(hidden.data(), final_norm.data<float>(), normed.data(), s.batch, s.hidden, eps);
   auto logits = paddle::empty({s.batch, vocab}, paddle::DataType::FLOAT32, token_ids.place());
-  matmul(normed.data(), lm_head.data<float>(), logits.data<float>(), s.batch, vocab, s.hidden, lm_head_transposed, false);
+  if (vector_level > 0) {
+    rlhf::head_gemm(normed.data(), s.batch, s.hidden, lm_head.data<float>(), vocab, logits.data<float>(), vector_level);
+  } else {
+    matmul(normed.data(), lm_head.data<float>(), logits.data<float>(), s.batch, vocab, s.hidden, lm_head_transposed, false);
+  }
   return {logits};
 }
+
+// Products of a few rows against streamed weights (panel_gemm.h), for tests and benchmarks:
+// Y = X · W with W as panels [ceil(n/32), k, 32] (n = columns), or X · Hᵀ for head [n, k].
+std::vector<paddle::Tensor> PanelProduct(const paddle::Tensor& x, const paddle::Tensor& weight, int columns,
+                                         bool head, int vector_level) {
+  PD_CHECK(vector_level >= 1 && vector_level <= rlhf::vector_level(), "vector level ", vector_level,
+           " is not in [1, ", rlhf::vector_level(), "] on this CPU");
+  const int m = static_cast<int>(x.shape()[0]), k = static_cast<int>(x.shape()[1]);
+  PD_CHECK(head ? weight.shape()[1] == k && weight.shape()[0] == columns
+                : weight.shape()[1] == k && weight.shape()[0] * rlhf::kPanelWidth >= columns,
+           "weight shape does not match x [", m, ", ", k, "] and ", columns, " columns");
+  auto y = paddle::empty({m, columns}, paddle::DataType::FLOAT32, x.place());
+  if (head) {
+    rlhf::head_gemm(x.data<float>(), m, k, weight.data<float>(), columns, y.data<float>(), vector_level);
+  } else {
+    rlhf::panel_gemm(x.data<float>(), m, k, weight.data<float>(), columns, y.data<float>(), false, vector_level);
+  }
+  return {y};
+}
+
+// The highest vector_level this CPU runs: 2 AVX-512F, 1 AVX2+FMA, 0 neither ([1] int32; the
+// input only gives the op a place).
+std::vector<paddle::Tensor> VectorLevel(const paddle::Tensor& anything) {
+  auto level = paddle::empty({1}, paddle::DataType::INT32, anything.place());
+  level.data<int32_t>()[0] = rlhf::vector_level();
+  return {level};
+}
+
+PD_BUILD_OP(rlhf_cpu_panel_product)
+    .Inputs({"X", "Weight"})
+    .Outputs({"Y"})
+    .Attrs({"columns: int", "head: bool", "vector_level: int"})
+    .SetKernelFn(PD_KERNEL(PanelProduct));
+
+PD_BUILD_OP(rlhf_cpu_vector_level)
+    .Inputs({"Anything"})
+    .Outputs({"Level"})
+    .SetKernelFn(PD_KERNEL(VectorLevel));
 
 PD_BUILD_OP(rlhf_cpu_decode_step)
     .Inputs({"TokenIds", "Positions", "EmbedTokens", "RopeCos", "RopeSinSigned", paddle::Vec("LayerWeights"),
              paddle::Vec("KeyCaches"), paddle::Vec("ValueCaches"), "AttentionBias", "FinalNorm", "LmHead"})
     .Outputs({"Logits"})
     .Attrs({"slot: int", "eps: float", "num_heads: int", "num_kv_heads: int", "has_bias: bool",
-            "lm_head_transposed: bool", "divide_query_by_sqrt_dim: bool"})
+            "lm_head_transposed: bool", "divide_query_by_sqrt_dim: bool", "vector_level: int"})
     .SetKernelFn(PD_KERNEL(DecodeStep));
