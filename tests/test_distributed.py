@@ -223,10 +223,11 @@ def _rank() -> int:
 def record_rollouts(trainer, path: str) -> None:
     """Write every rollout this rank trains on (prompt and full token ids, padding removed).
     Observation only: the experience passes through unchanged."""
-    make_experience = trainer.make_experience
+    start_rollout = trainer.start_rollout
 
     def recording(prompt_batch):
-        experience = make_experience(prompt_batch)
+        work = start_rollout(prompt_batch)
+        experience = work.experience  # its token ids and masks are final even while values are pending
         rows = []
         for ids, mask in zip(experience.input_ids.tolist(), experience.attention_mask.tolist()):
             tokens = [token for token, keep in zip(ids, mask) if keep]
@@ -234,9 +235,9 @@ def record_rollouts(trainer, path: str) -> None:
             rows.append({"prompt": prompt, "sequence": tokens})
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"rollout": trainer.state.rollouts_done, "rows": rows}) + "\n")
-        return experience
+        return work
 
-    trainer.make_experience = recording
+    trainer.start_rollout = recording
 
 
 def parameter_digest(model) -> dict:
@@ -889,15 +890,15 @@ def test_rollout_copies_refresh_once_per_use_after_a_step_and_respect_offload(tm
     for copy in trainer.rollout_copies.values():
         refresh = copy.refresh_weights
         copy.refresh_weights = lambda refresh=refresh: (refreshed_at.append(trainer.state.global_step), refresh())
-    make_experience = trainer.make_experience
+    start_rollout = trainer.start_rollout
 
     def observed(prompt_batch):
-        experience = make_experience(prompt_batch)
+        work = start_rollout(prompt_batch)
         for copy, trained in ((copies["actor_rollout_model"], trainer.actor_model), (copies["critic_rollout_model"], trainer.critic_model)):
             rollouts.append(all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(copy.parameters(), trained.parameters())))
-        return experience
+        return work
 
-    trainer.make_experience = observed
+    trainer.start_rollout = observed
     trainer.train()
     # 2 optimizer steps per rollout, evaluation after steps 2 and 4: the copies are refreshed
     # before the first rollout and before each evaluation; the rollout after the step-2
