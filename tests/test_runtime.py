@@ -102,7 +102,8 @@ def test_entry_points_on_a_cpu_below_the_floor_stop_with_a_clear_error(repo_root
 def test_decoder_and_training_step_on_an_emulated_avx2_only_epyc(repo_root, tmp_path):
     """An AMD EPYC (Zen 1: AVX2, FMA, no AVX-512) under emulation: the rollout decoder and an SFT
     training step complete, with the C++ CPU extension (a fused AVX-512 kernel would stop the
-    process)."""
+    process), and its AVX2 streaming kernels run when asked while the AVX-512 ones are never
+    chosen."""
     script = tmp_path / "avx2_run.py"
     script.write_text(
         "import ppo.runtime\n"
@@ -116,14 +117,24 @@ def test_decoder_and_training_step_on_an_emulated_avx2_only_epyc(repo_root, tmp_
         "out = RolloutEngine(model, eos_token_id=2, pad_token_id=0, backend='decoder').generate(ids, mask, max_new_tokens=3, do_sample=False)\n"
         "loss = supervised_lm_loss(model(input_ids=ids, return_dict=True).logits, ids)\n"
         "loss.backward()\n"
-        "from ppo.models import cpu_extension\n"
+        "from ppo.models import cpu_decode, cpu_extension\n"
+        "import os\n"
+        "os.environ[cpu_decode.STREAMING_ENV] = 'avx2'  # the AVX2 streaming kernels, on request\n"
+        "streamed = RolloutEngine(model, eos_token_id=2, pad_token_id=0, backend='decoder').generate(ids, mask, max_new_tokens=3, do_sample=False)\n"
+        "assert streamed.sequences.tolist() == out.sequences.tolist()\n"
+        "print('levels', cpu_decode.cpu_vector_level(), cpu_decode.streaming_level())\n"
+        "del os.environ[cpu_decode.STREAMING_ENV]\n"
+        "print('default', cpu_decode.streaming_level())\n"
         "print('ok', out.sequences.shape, float(loss), 'extension', cpu_extension.load_extension() is not None)\n"
     )
     result = _emulated("EPYC", [str(script)], repo_root, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().startswith("ok")
+    assert result.stdout.strip().splitlines()[-1].startswith("ok"), result.stdout
     # The C++ CPU extension (baseline x86-64 code, MKL's own dispatch) ran its decode step and ops.
     from ppo.models import cpu_extension
 
     if cpu_extension._compiler() is not None:
         assert result.stdout.strip().endswith("extension True"), result.stdout
+        # AVX2 without AVX-512: the AVX2 streaming kernels ran on request (same greedy tokens as
+        # MKL's), and by default the decode step keeps MKL.
+        assert "levels 1 1" in result.stdout and "default 0" in result.stdout, result.stdout
