@@ -571,7 +571,9 @@ class RLTrainer:
     @paddle.no_grad()
     def make_experience(self, prompt_batch: PromptBatch) -> Experience:
         """Rollout, score with every model, and let the algorithm build the experience."""
-        return self._experience_of(self._scored_rollout(prompt_batch, with_critics=True))
+        rollout = self._scored_rollout(prompt_batch, with_critics=True)
+        self.observe_rollout(rollout.scored, rollout.prompt_length)
+        return self._experience_of(rollout)
 
     def start_rollout(self, prompt_batch: PromptBatch) -> RolloutWork:
         """The work of one rollout: its experience, or (with `values_from_update`) its scores
@@ -598,10 +600,8 @@ class RLTrainer:
             logger.warning(f"{nonfinite} responses of this rollout have a NaN/inf reward: left out of the update")
         return ScoredRollout(scored, rollout.prompt_length, breakdown, nonfinite)
 
-    def _experience_of(self, rollout: ScoredRollout, observed: bool = False) -> Experience:
-        """The algorithm's experience of a scored rollout, its rollout metrics recorded."""
-        if not observed:
-            self.observe_rollout(rollout.scored, rollout.prompt_length)
+    def _experience_of(self, rollout: ScoredRollout) -> Experience:
+        """The algorithm's experience of an observed scored rollout, its rollout metrics recorded."""
         experience = self.build_experience(rollout.scored, rollout.prompt_length)
         self._record_rollout_metrics(experience, rollout.breakdown, rollout.nonfinite)
         return experience
@@ -725,7 +725,7 @@ class RLTrainer:
         its detached values taken as the old values and the GAE returns of its token rewards as
         targets; then the rollout's experience with those values (its metrics recorded), split into
         the same micro-batches for the actor. `work.experience` becomes that experience."""
-        if len(micro_batches) != len(work.experience.split(self.args.per_device_train_batch_size)):
+        if len(micro_batches) != math.ceil(work.experience.batch_size / self.args.per_device_train_batch_size):
             raise RuntimeError("old values from the update need the whole rollout in one optimizer step")
         old_values = {critic.old_values_field: [] for critic in self.critics.values()}
         for role, critic in self.critics.items():
@@ -742,7 +742,7 @@ class RLTrainer:
         pending = work.pending
         scored = dict(pending.scored, **{name: paddle.concat(parts, axis=0) for name, parts in old_values.items()})
         with paddle.no_grad():
-            work.experience = self._experience_of(ScoredRollout(scored, pending.prompt_length, pending.breakdown, pending.nonfinite), observed=True)
+            work.experience = self._experience_of(ScoredRollout(scored, pending.prompt_length, pending.breakdown, pending.nonfinite))
         work.pending = None
         return work.experience.split(self.args.per_device_train_batch_size)
 

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace rlhf {
 
@@ -24,13 +25,37 @@ constexpr int kPanelWidth = 32;
 constexpr int kPrefetchFloats = 16 * kPanelWidth;
 
 inline int vector_level() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return 2;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-  return 0;
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+  }();
+  return level;
 }
 
 namespace panel_detail {
+
+template <int M, class F>
+inline void remaining_rows(int rows, int first, F& f) {
+  if constexpr (M > 0) {
+    if (rows == M) {
+      f(std::integral_constant<int, M>{}, first);
+    } else {
+      remaining_rows<M - 1>(rows, first, f);
+    }
+  }
+}
+
+// Rows [0, m) in groups of `Group`, then the remainder: f(std::integral_constant<int, M>{}, first
+// row) with the group's size M a compile-time constant (the kernels keep M rows of accumulators
+// in registers).
+template <int Group, class F>
+inline void for_row_groups(int m, F f) {
+  int r = 0;
+  for (; r + Group <= m; r += Group) f(std::integral_constant<int, Group>{}, r);
+  remaining_rows<Group - 1>(m - r, r, f);
+}
 
 // One 32-column panel, rows [0, M) of x: y_block[r, 0:32] = x[r, :] · panel (+ y_block).
 template <int M>
@@ -99,20 +124,9 @@ __attribute__((target("avx512f"))) inline void panels_avx512(const float* x, int
     const float* panel = panels + p * panel_stride;
     const int columns = std::min(kPanelWidth, n - p * kPanelWidth);
     float* out = y + p * kPanelWidth;
-    int r = 0;
-    for (; r + 8 <= m; r += 8) panel_avx512<8>(x + r * int64_t{k}, k, k, panel, out + r * int64_t{n}, n, columns, accumulate);
-    const float* xr = x + r * int64_t{k};
-    float* o = out + r * int64_t{n};
-    switch (m - r) {
-      case 7: panel_avx512<7>(xr, k, k, panel, o, n, columns, accumulate); break;
-      case 6: panel_avx512<6>(xr, k, k, panel, o, n, columns, accumulate); break;
-      case 5: panel_avx512<5>(xr, k, k, panel, o, n, columns, accumulate); break;
-      case 4: panel_avx512<4>(xr, k, k, panel, o, n, columns, accumulate); break;
-      case 3: panel_avx512<3>(xr, k, k, panel, o, n, columns, accumulate); break;
-      case 2: panel_avx512<2>(xr, k, k, panel, o, n, columns, accumulate); break;
-      case 1: panel_avx512<1>(xr, k, k, panel, o, n, columns, accumulate); break;
-      default: break;
-    }
+    for_row_groups<8>(m, [&](auto rows, int r) {
+      panel_avx512<rows>(x + r * int64_t{k}, k, k, panel, out + r * int64_t{n}, n, columns, accumulate);
+    });
   }
 }
 
@@ -126,16 +140,9 @@ __attribute__((target("avx2,fma"))) inline void panels_avx2(const float* x, int 
       const float* panel = panels + p * panel_stride + half * 16;
       const int columns = std::min(16, n - first);
       float* out = y + first;
-      int r = 0;
-      for (; r + 4 <= m; r += 4) half_panel_avx2<4>(x + r * int64_t{k}, k, k, panel, out + r * int64_t{n}, n, columns, accumulate);
-      const float* xr = x + r * int64_t{k};
-      float* o = out + r * int64_t{n};
-      switch (m - r) {
-        case 3: half_panel_avx2<3>(xr, k, k, panel, o, n, columns, accumulate); break;
-        case 2: half_panel_avx2<2>(xr, k, k, panel, o, n, columns, accumulate); break;
-        case 1: half_panel_avx2<1>(xr, k, k, panel, o, n, columns, accumulate); break;
-        default: break;
-      }
+      for_row_groups<4>(m, [&](auto rows, int r) {
+        half_panel_avx2<rows>(x + r * int64_t{k}, k, k, panel, out + r * int64_t{n}, n, columns, accumulate);
+      });
     }
   }
 }
@@ -178,17 +185,9 @@ inline void panel_gemm(const float* x, int m, int k, const float* panels, int n,
 // kernel. Measured for SmolLM2's head (49152 x 576), 8 rows, on the AMD EPYC: groups of 4 rows
 // 9.9 ms, of 8 rows 15 ms, a 512-bit kernel of 8 rows 13.6 ms (its horizontal sums dominate).
 inline void head_gemm(const float* x, int m, int k, const float* head, int n, float* y, int /*level*/) {
-  using namespace panel_detail;
-  for (int r = 0; r < m; r += 4) {
-    const float* xr = x + r * int64_t{k};
-    float* yr = y + r * int64_t{n};
-    switch (std::min(4, m - r)) {
-      case 4: head_rows_avx2<4>(xr, k, head, n, yr); break;
-      case 3: head_rows_avx2<3>(xr, k, head, n, yr); break;
-      case 2: head_rows_avx2<2>(xr, k, head, n, yr); break;
-      default: head_rows_avx2<1>(xr, k, head, n, yr); break;
-    }
-  }
+  panel_detail::for_row_groups<4>(m, [&](auto rows, int r) {
+    panel_detail::head_rows_avx2<rows>(x + r * int64_t{k}, k, head, n, y + r * int64_t{n});
+  });
 }
 
 }  // namespace rlhf
